@@ -1,0 +1,41 @@
+"""stylegan_ops: fast StyleGAN2 ops with a pure-PyTorch reference beside compiled kernels.
+
+Ops: :func:`bias_act` (bias + activation + gain + clamp) and :func:`upfirdn2d` (upsample, pad,
+FIR-filter, downsample) with its helpers :func:`filter2d`, :func:`upsample2d`,
+:func:`downsample2d` and :func:`setup_filter`. Semantics follow NVlabs stylegan2-ada-pytorch
+(``torch_utils/ops``); the code here is written independently.
+
+Every op takes ``impl``:
+
+* ``'ref'``: plain PyTorch; runs anywhere, differentiable to any order.
+* ``'cuda'``: the CUDA kernels (tensors on a GPU); raises if they cannot be built.
+* ``'cpu'``: the C++ CPU kernel (tensors on the CPU); raises if it cannot be built. Only bias_act
+  has one; upfirdn2d with ``'cpu'`` runs the reference, the faster CPU path (benchmarks/ops.py).
+* ``'auto'`` (default): the compiled kernel for the tensors' device where one exists and builds,
+  else the reference. A failed build warns once and is not retried in the process.
+
+Calls a kernel does not cover (other dtypes; upfirdn2d with filters over 32 taps per axis or a
+filter that needs a gradient) run on the reference path whatever ``impl`` says. First and second
+derivatives are supported on every impl (R1 regularisation needs the second).
+
+Kernels compile with ninja on first use, never at import (see :mod:`stylegan_ops._build`);
+:func:`build` compiles one explicitly and :func:`available_impls` says what runs where.
+"""
+from ._build import BuildError, BuildWarning, build
+from ._dispatch import Impl, available_impls
+from ._bias_act import bias_act
+from ._upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
+
+__all__ = [
+    "Impl",
+    "available_impls",
+    "bias_act",
+    "build",
+    "BuildError",
+    "BuildWarning",
+    "downsample2d",
+    "filter2d",
+    "setup_filter",
+    "upfirdn2d",
+    "upsample2d",
+]
