@@ -37,6 +37,7 @@ import stylegan_ops  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 BIAS_ACT_SHAPES = [(8, 512, 32, 32), (8, 128, 256, 256)]
 RESAMPLE_SHAPES = [(8, 512, 32, 32), (8, 128, 128, 128)]
+OTHER_ACTS = ("relu", "tanh", "sigmoid", "elu", "selu", "softplus", "swish")
 
 
 @dataclass
@@ -81,9 +82,9 @@ def _op_calls(op: str, x: torch.Tensor, device: torch.device) -> Callable[[str],
     if op == "bias_act lrelu":
         b = torch.randn(x.shape[1], device=device, dtype=x.dtype)
         return lambda impl: stylegan_ops.bias_act(x, b, act="lrelu", clamp=256.0, impl=impl)
-    if op == "bias_act linear":
+    if op.startswith("bias_act "):  # the other activations, with StyleGAN2's default gain
         b = torch.randn(x.shape[1], device=device, dtype=x.dtype)
-        return lambda impl: stylegan_ops.bias_act(x, b, act="linear", impl=impl)
+        return lambda impl: stylegan_ops.bias_act(x, b, act=op.split()[1], impl=impl)
     if op == "upsample2d":
         return lambda impl: stylegan_ops.upsample2d(x, f, impl=impl)
     if op == "downsample2d":
@@ -109,6 +110,8 @@ def bench_ops(device: torch.device, dtypes: List[torch.dtype], warmup: int, repe
     compiled = device.type if device.type in stylegan_ops.available_impls(device) else None
     plan = [(op, s) for op in ("bias_act lrelu", "bias_act linear") for s in BIAS_ACT_SHAPES]
     plan += [(op, s) for op in ("upsample2d", "downsample2d", "filter2d") for s in RESAMPLE_SHAPES]
+    # Every other activation once, on the small shape: what decides bias_act's 'auto' on the CPU.
+    plan += [(f"bias_act {a}", BIAS_ACT_SHAPES[0]) for a in OTHER_ACTS]
     cases: List[Case] = []
     for dtype in dtypes:
         for op, shape in plan:
@@ -149,7 +152,7 @@ def _print_row(c: Case) -> None:
     comp = f"{c.compiled_ms:10.3f}" if c.compiled_ms is not None else f"{'-':>10}"
     ratio = f"{c.ratio:7.2f}x" if c.ratio is not None else f"{'-':>8}"
     shape = "x".join(map(str, c.shape))
-    print(f"{c.op:16} {shape:18} {c.dtype:8} {c.passes:17} {c.ref_ms:10.3f} {comp} {ratio}  {c.impl}", flush=True)
+    print(f"{c.op:17} {shape:18} {c.dtype:8} {c.passes:17} {c.ref_ms:10.3f} {comp} {ratio}  {c.impl}", flush=True)
 
 
 def _device_name(device: torch.device) -> str:
@@ -183,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print(f"device: {_device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"impls {stylegan_ops.available_impls(device)} | repeats {repeats}")
-    print(f"{'op':16} {'shape':18} {'dtype':8} {'passes':17} {'ref ms':>10} {'kernel ms':>10} {'ratio':>8}  impl")
+    print(f"{'op':17} {'shape':18} {'dtype':8} {'passes':17} {'ref ms':>10} {'kernel ms':>10} {'ratio':>8}  impl")
     cases = bench_ops(device, dtypes, warmup, repeats)
     report = {
         "device": _device_name(device),

@@ -97,9 +97,52 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+# --------------------------------------------------------------------------- render / train-gan
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    from handsoff.domains import DEFAULT_DOMAIN, DOMAINS
+
+    p = sub.add_parser("render", help="render a labeled set from a built-in domain",
+                       description="Render N images of a built-in, procedurally rendered domain with exact "
+                                   "labels (segmentation, keypoints with visibility, depth) into the labeled-set "
+                                   "folder format: images/, seg/, depth/, keypoints.json, meta.json. Image i of "
+                                   "seed S is the same however the run is chunked.")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="sequence seed (default: 0)")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (default: 64)")
+    p.add_argument("--domain", choices=sorted(DOMAINS), default=DEFAULT_DOMAIN,
+                   help=f"built-in domain (default: {DEFAULT_DOMAIN})")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.set_defaults(run=_run_render)
+
+
+def _run_render(args: argparse.Namespace) -> None:
+    from handsoff.data.labeled_set import render_to_folder
+    from handsoff.domains import get_domain
+
+    out = render_to_folder(get_domain(args.domain), args.n, args.seed, args.size, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.n} labeled images to {out}")
+
+
+def _add_train_gan(sub: argparse._SubParsersAction) -> None:
+    from handsoff.gan.training.cli import TRAIN_GAN_DESCRIPTION, TRAIN_GAN_EPILOG, add_train_gan_args
+
+    p = sub.add_parser("train-gan", help="train a StyleGAN2 on a folder of images or a built-in domain",
+                       description=TRAIN_GAN_DESCRIPTION, epilog=TRAIN_GAN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_gan_args(p)
+    p.set_defaults(run=_run_train_gan)
+
+
+def _run_train_gan(args: argparse.Namespace) -> None:
+    from handsoff.gan.training.cli import train_gan_from_args
+
+    print(f"generator: {train_gan_from_args(args)}")
+
+
 # --------------------------------------------------------------------------- main
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_sample, _add_info, _add_convert,
+    _add_sample, _add_info, _add_convert, _add_render, _add_train_gan,
 )
 
 

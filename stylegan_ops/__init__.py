@@ -9,13 +9,16 @@ Every op takes ``impl``:
 
 * ``'ref'``: plain PyTorch; runs anywhere, differentiable to any order.
 * ``'cuda'``: the CUDA kernels (tensors on a GPU); raises if they cannot be built.
-* ``'cpu'``: the C++ CPU kernel (tensors on the CPU); raises if it cannot be built. Only bias_act
-  has one; upfirdn2d with ``'cpu'`` runs the reference, the faster CPU path (benchmarks/ops.py).
-* ``'auto'`` (default): the compiled kernel for the tensors' device where one exists and builds,
-  else the reference. A failed build warns once and is not retried in the process.
+* ``'cpu'``: the C++ CPU kernels (tensors on the CPU); raises if they cannot be built.
+* ``'auto'`` (default): on CUDA the CUDA kernels; on the CPU the C++ kernel where
+  benchmarks/ops.py measured it faster than the reference (bias_act with relu, lrelu or swish),
+  else the reference. A failed build warns once, is not retried in the process, and
+  leaves 'auto' on the reference.
 
 Calls a kernel does not cover (other dtypes; upfirdn2d with filters over 32 taps per axis or a
-filter that needs a gradient) run on the reference path whatever ``impl`` says. First and second
+filter that needs a gradient) run on the reference path whatever ``impl`` says. The CPU
+upfirdn2d kernel runs the CUDA kernel's tile code, which is how the tests check that code on
+machines without a GPU. First and second
 derivatives are supported on every impl (R1 regularisation needs the second).
 
 Kernels compile with ninja on first use, never at import (see :mod:`stylegan_ops._build`);

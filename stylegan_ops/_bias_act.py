@@ -64,6 +64,13 @@ ACTIVATIONS = tuple(_ACTIVATIONS)
 # Tensor types the kernels take; anything else runs on the reference path.
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Activations for which impl='auto' takes the CPU kernel: those where it beat the reference in
+# benchmarks/ops.py (2-core CPU: lrelu 4-7x, relu 3x, swish 1.0-1.2x). 'linear' ties (the
+# reference is a single add); the rest spend their time in exp/tanh, which the kernel calls from
+# libm one element at a time while the reference uses torch's SIMD versions, and lose (0.2-0.9x).
+# 'auto' keeps those on the reference; impl='cpu' still runs the kernel.
+_AUTO_CPU_ACTS = frozenset({"relu", "lrelu", "swish"})
+
 
 class _Mode(enum.IntEnum):
     """Kernel modes (``sgo::Mode`` in csrc/bias_act_math.h)."""
@@ -117,7 +124,10 @@ def bias_act(
         if b.ndim != 1 or b.shape[0] != x.shape[dim]:
             raise ValueError(f"b must have shape [{x.shape[dim]}] (x.shape[{dim}]), got {list(b.shape)}")
         b = b.to(x.dtype)
-    kind, kernel = resolve("bias_act", impl, x.device)
+    if impl == "auto" and x.device.type == "cpu" and act not in _AUTO_CPU_ACTS:
+        kernel = None  # decided before resolve(), which would build the extension for nothing
+    else:
+        kernel = resolve("bias_act", impl, x.device)
     if kernel is not None and x.dtype in _KERNEL_DTYPES:
         b_arg = b if b is not None else x.new_empty([0])
         return _compiled_function(kernel, dim, act, alpha, gain, clamp).apply(x, b_arg)
@@ -133,7 +143,7 @@ def _activation(act: str) -> _Activation:
 
 def _normalize_dim(dim: int, ndim: int, has_bias: bool) -> int:
     if not has_bias:
-        return dim  # unused without a bias; any value is accepted, as in NVlabs
+        return 0  # unused without a bias, so any value is accepted (as in NVlabs)
     if not -ndim <= dim < ndim:
         raise ValueError(f"dim {dim} out of range for a {ndim}-D x")
     return dim % ndim

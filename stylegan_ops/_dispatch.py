@@ -12,8 +12,9 @@ Impl = Literal["ref", "cuda", "cpu", "auto"]
 IMPLS: Tuple[str, ...] = ("ref", "cuda", "cpu", "auto")
 
 # For 'auto' on the CPU: ops whose C++ kernel beat the reference in benchmarks/ops.py on a 2-core
-# machine (see benchmarks/results/ops-cpu.json). upfirdn2d has no CPU kernel: the reference, one
-# depthwise conv2d on oneDNN, is the fast path there.
+# machine (benchmarks/results/ops-cpu.json; bias_act narrows it further per activation). The CPU
+# upfirdn2d kernel, the CUDA kernel's algorithm run on the CPU so that tests can check it there,
+# loses to the reference's strided depthwise conv2d for filtering, so 'auto' leaves it out.
 AUTO_CPU_OPS: Tuple[str, ...] = ("bias_act",)
 
 
@@ -23,16 +24,15 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def resolve(op: str, impl: str, device: torch.device) -> Tuple[str, Optional[ModuleType]]:
+def resolve(op: str, impl: str, device: torch.device) -> Optional[ModuleType]:
     """Pick the implementation of ``op`` for tensors on ``device``.
 
     Returns:
-        ('ref', None), or ('cpu' | 'cuda', the loaded extension).
+        The loaded extension ('cpu' or 'cuda') to run, or None for the reference.
 
     'auto' takes the compiled kernel for the device when it builds (a failed build warned once
-    and is not retried) and 'ref' otherwise. An explicit 'cuda' or 'cpu' raises when the tensors
-    are elsewhere or the build failed; 'cpu' for an op without a CPU kernel (upfirdn2d) runs the
-    reference, which is the fast path there.
+    and is not retried) and the op is in AUTO_CPU_OPS or on CUDA, else 'ref'. An explicit 'cuda'
+    or 'cpu' raises when the tensors are elsewhere or the build failed.
 
     Raises:
         ValueError: unknown ``impl``, or ``impl`` names another device than the tensors'.
@@ -40,20 +40,15 @@ def resolve(op: str, impl: str, device: torch.device) -> Tuple[str, Optional[Mod
     """
     check_impl(impl)
     if impl == "ref":
-        return "ref", None
+        return None
     if impl == "auto":
         kind = device.type
-        if kind == "cpu" and op not in AUTO_CPU_OPS:
-            return "ref", None
-        if _build.extension_for(op, kind) is None:
-            return "ref", None
-        module = _build.try_load(kind)
-        return (kind, module) if module is not None else ("ref", None)
+        if (kind == "cpu" and op not in AUTO_CPU_OPS) or _build.extension_for(op, kind) is None:
+            return None
+        return _build.try_load(kind)
     if device.type != impl:
         raise ValueError(f"impl={impl!r} needs tensors on a {impl} device, got {device}")
-    if _build.extension_for(op, impl) is None:
-        return "ref", None
-    return impl, _build.build(op, impl)
+    return _build.build(op, impl)
 
 
 def available_impls(device: Union[str, torch.device]) -> List[str]:

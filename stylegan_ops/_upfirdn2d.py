@@ -30,7 +30,7 @@ __all__ = ["upfirdn2d", "setup_filter", "filter2d", "upsample2d", "downsample2d"
 Scaling = Union[int, Sequence[int]]  # s or [sx, sy]
 Padding = Union[int, Sequence[int]]  # p, [px, py] or [px0, px1, py0, py1]
 
-# Largest filter (taps per axis) the CUDA kernel takes; larger filters run on the reference path.
+# Largest filter (taps per axis) the kernels take; larger filters run on the reference path.
 MAX_KERNEL_TAPS = 32
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -89,10 +89,11 @@ def upfirdn2d(
             upsampling, in upsampled samples.
         flip_filter: False: convolve with f; True: correlate with f.
         gain: overall scale of the output (each axis of a separable filter takes sqrt(gain)).
-        impl: 'ref', 'cuda', 'cpu' or 'auto'. There is no C++ CPU kernel for upfirdn2d ('cpu'
-            runs the reference, whose depthwise conv2d is the fast CPU path). The CUDA kernel takes
-            filters up to ``MAX_KERNEL_TAPS`` per axis and a filter that needs no gradient; other
-            cases run on the reference path.
+        impl: 'ref', 'cuda', 'cpu' or 'auto'. On the CPU, 'auto' runs the reference (a strided
+            depthwise conv2d), the fastest CPU path; 'cpu' runs the CUDA kernel's tile algorithm
+            compiled for the CPU (what the tests use to check it without a GPU). The kernels take
+            filters up to ``MAX_KERNEL_TAPS`` per axis that need no gradient; other calls run on
+            the reference path.
 
     Returns:
         ``[N, C, (H*up_y + pad_y0 + pad_y1 - fh) // down_y + 1, (W*up_x + pad_x0 + pad_x1 - fw) // down_x + 1]``.
@@ -111,7 +112,7 @@ def upfirdn2d(
     if f.ndim not in (1, 2) or f.numel() == 0:
         raise ValueError(f"f must be a non-empty 1-D or 2-D filter, got shape {list(f.shape)}")
     _check_output_size(x, f, cfg)
-    kind, kernel = resolve("upfirdn2d", impl, x.device)
+    kernel = resolve("upfirdn2d", impl, x.device)
     if kernel is not None and _kernel_supports(x, f):
         return _compiled_function(kernel, cfg).apply(x, f)
     return _upfirdn2d_ref(x, f, cfg)
@@ -271,7 +272,7 @@ def _check_output_size(x: torch.Tensor, f: torch.Tensor, cfg: _Config) -> None:
 
 
 def _kernel_supports(x: torch.Tensor, f: torch.Tensor) -> bool:
-    """Whether the CUDA kernel covers this call (else the reference runs, see upfirdn2d)."""
+    """Whether the kernels cover this call (else the reference runs, see upfirdn2d)."""
     return x.dtype in _KERNEL_DTYPES and max(f.shape) <= MAX_KERNEL_TAPS and not f.requires_grad
 
 

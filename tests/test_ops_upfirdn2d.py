@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stylegan_ops import available_impls, downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
+from stylegan_ops import available_impls, build, downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
 ALL = [("ref", "cpu"), ("cpu", "cpu"), ("cuda", "cuda")]
 
 
 def _require(impl: str, device: str) -> torch.device:
-    """Skip unless ``impl`` can run on ``device`` here ('cpu' runs the reference for upfirdn2d)."""
+    """Skip unless ``impl`` can run on ``device`` here."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if impl not in available_impls(device):
@@ -104,8 +104,7 @@ def test_impl_matches_reference_to_second_order(impl, device, up, down, padding,
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-# 'cpu' is left out: for upfirdn2d it runs the reference (checked in the tests above).
-@pytest.mark.parametrize("impl,device", [ALL[0], ALL[2]])
+@pytest.mark.parametrize("impl,device", ALL)
 @pytest.mark.parametrize("up,down,padding,separable", CASES[1:8:2])
 def test_gradcheck_and_gradgradcheck(impl, device, up, down, padding, separable):
     dev = _require(impl, device)
@@ -117,11 +116,53 @@ def test_gradcheck_and_gradgradcheck(impl, device, up, down, padding, separable)
     assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
 
 
+TILING_CASES = [
+    # up, down, padding, taps: more than one tile per plane, tiles cut by the image border, and
+    # filters large enough that the tile shrinks to fit its buffer.
+    (1, 1, [3, 2, 1, 2], 4),
+    (2, 1, [2, 1, 2, 1], 4),
+    (1, 2, [1, 1, 1, 1], 4),
+    (4, 4, [5, 6, 6, 5], 12),
+    (1, 4, [-3, 5, 2, 0], 12),
+    ([3, 2], [2, 3], [-2, 4, 3, -1], 7),
+    (1, 1, [15, 16, 16, 15], 32),
+]
+
+
+@pytest.mark.parametrize("max_tile,max_bytes", [(None, None), ("cuda", "cuda"), (1, 1 << 20), (3, 1 << 20), (64, 8192)])
+@pytest.mark.parametrize("up,down,padding,taps", TILING_CASES)
+def test_tile_algorithm_on_cpu(up, down, padding, taps, max_tile, max_bytes):
+    """The CUDA kernel runs the same tile code (upfirdn2d_tile.h) as the CPU kernel: run that code
+    here with the CUDA kernel's tile limits and with extreme ones, against the reference."""
+    _require("cpu", "cpu")
+    kernel = build("upfirdn2d", "cpu")
+    tile = kernel.cuda_max_tile if max_tile == "cuda" else max_tile
+    nbytes = kernel.cuda_max_buffer_bytes if max_bytes == "cuda" else max_bytes
+    x = torch.randn(2, 3, 70, 45)
+    g = torch.Generator().manual_seed(taps)
+    f = torch.rand(taps, taps - 1, generator=g) if taps < 32 else torch.rand(taps, generator=g)
+    up_, down_, pad = _case_args(up, down, padding)
+    want = upfirdn2d(x, f, up=up, down=down, padding=padding, gain=1.5, impl="ref")
+    args = (x, f, up_[0], up_[1], down_[0], down_[1], *pad, False, 1.5)
+    got = kernel.upfirdn2d(*args) if tile is None else kernel.upfirdn2d(*args, max_tile=tile, max_buffer_bytes=nbytes)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl,device", ALL)
+def test_filters_beyond_the_kernel_limit_use_the_reference(impl, device):
+    dev = _require(impl, device)
+    x = torch.randn(1, 2, 40, 40, device=dev)
+    for taps in (32, 33):
+        f = torch.rand(taps, device=dev)
+        want = _naive_upfirdn2d(x.cpu(), f.cpu(), pad=(taps // 2,) * 4).float().to(dev)
+        torch.testing.assert_close(upfirdn2d(x, f, padding=taps // 2, impl=impl), want, rtol=1e-4, atol=1e-4)
+
+
 def test_reference_filter_gradient():
     """The reference path is differentiable in the filter too (the kernels treat f as constant)."""
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     f = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda f: upfirdn2d(x, f, up=2, padding=1, impl="auto"), (f,))
+    assert torch.autograd.gradcheck(lambda f: upfirdn2d(x, f, up=2, padding=1, impl="auto"), (f,), fast_mode=True)
 
 
 @pytest.mark.parametrize("impl,device", ALL)

@@ -343,3 +343,23 @@ def test_two_process_gloo_run_resumes_exactly(tmp_path):
     a, b = _states(tmp_path / "full"), _states(tmp_path / "split")
     assert a["step"] == b["step"] == 4 and len(a["rng"]) == 2
     assert all(torch.equal(a["G_ema"][k], b["G_ema"][k]) for k in a["G_ema"])
+
+
+def test_inception_weights_are_found_and_used(tmp_path, monkeypatch):
+    """With Inception weights in the torch hub cache the figure is FID (random weights here:
+    this checks discovery, loading and the 2048-d pool3 features, not the values)."""
+    tv = pytest.importorskip("torchvision.models.inception")
+    from handsoff.gan.training.quality import find_inception_weights, get_feature_extractor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert find_inception_weights() is None
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    net = tv.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    torch.save(net.state_dict(), hub / "pt_inception-2015-12-05-6726825d.pth")
+    path, kind = find_inception_weights()
+    assert kind == "fid" and path.parent == hub
+    ext = get_feature_extractor(torch.device("cpu"), [tmp_path / "cache"])
+    assert ext.metric == "FID"
+    feats = ext(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()

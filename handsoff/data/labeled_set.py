@@ -18,7 +18,6 @@ file and the problem.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -144,7 +143,7 @@ def _write_keypoints(path: Path, names: list[str], points: dict[str, list[list[f
     path.write_text(f'{{"names": {json.dumps(names)},\n"points": {{\n{body}\n}}}}\n', encoding="utf-8")
 
 
-def write_labeled_set(batches: Union[LabeledBatch, Iterable[LabeledBatch]], out_dir: PathLike,
+def write_labeled_set(batches: LabeledBatch | Iterable[LabeledBatch], out_dir: PathLike,
                       meta: Mapping[str, Any], overwrite: bool = False) -> Path:
     """Write batches as one labeled-set folder, atomically.
 
@@ -209,16 +208,20 @@ def _replace_dir(new: Path, out: Path) -> None:
 
 
 def render_to_folder(domain: Domain, n: int, seed: int, size: int, out_dir: PathLike, chunk: int = 256,
-                     overwrite: bool = False, progress: bool = True) -> Path:
+                     overwrite: bool = False, progress: bool = True, workers: int = 1) -> Path:
     """Render images ``0 .. n-1`` of ``domain``'s sequence ``seed`` into a labeled-set folder.
 
-    Renders ``chunk`` images at a time (memory stays bounded) with a tqdm progress bar; the
-    folder appears atomically when all are written. ``handsoff render`` calls this.
+    Renders ``chunk`` images at a time (memory stays bounded; ``workers`` > 1 renders in that
+    many processes, see `handsoff.domains.parallel.render_chunks`) with a tqdm progress bar;
+    the folder appears atomically when all are written. ``handsoff render`` calls this.
     """
     from tqdm import tqdm
 
-    if n < 1 or chunk < 1:
-        raise HandsoffError(f"render: need n >= 1 and chunk >= 1 (got n={n}, chunk={chunk})")
+    from handsoff.domains.parallel import render_chunks
+
+    if n < 1 or chunk < 1 or workers < 1:
+        raise HandsoffError(f"render: need n >= 1, chunk >= 1 and workers >= 1 (got n={n}, chunk={chunk}, "
+                            f"workers={workers})")
     meta = {"classes": list(domain.classes), "keypoint_names": list(domain.keypoint_names),
             "domain": domain.name, "seed": seed, "size": size}
     far = getattr(domain, "far_depth", None)
@@ -226,8 +229,7 @@ def render_to_folder(domain: Domain, n: int, seed: int, size: int, out_dir: Path
         meta["background_depth"] = far
 
     def chunks(bar: tqdm) -> Iterator[LabeledBatch]:
-        for start in range(0, n, chunk):
-            batch = domain.render(min(chunk, n - start), seed, size, start)
+        for batch in render_chunks(domain, n, seed, size, chunk=chunk, workers=workers):
             yield batch
             bar.update(len(batch))
 
@@ -302,7 +304,8 @@ def _read_depth(path: Path, shape: tuple[int, int]) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise _fail(path, f"unreadable depth ({' '.join(str(exc).split())})") from None
     if depth.shape != shape or depth.dtype.kind != "f":
-        raise _fail(path, f"depth must be float [{shape[0]}, {shape[1]}] like its image, got {depth.dtype} {list(depth.shape)}")
+        raise _fail(path, f"depth must be float [{shape[0]}, {shape[1]}] like its image, "
+                          f"got {depth.dtype} {list(depth.shape)}")
     if np.isnan(depth).any():
         raise _fail(path, "depth holds NaN")
     return depth.astype(np.float32, copy=False)
@@ -324,7 +327,7 @@ def _check_points(points: np.ndarray, width: int, height: int, path: Path, name:
 def _read_keypoints(path: Path, names: list[str], sizes: list[tuple[int, int]],
                     meta_names: Optional[list[str]]) -> tuple[np.ndarray, list[str]]:
     data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("names"), list) or not isinstance(data.get("points"), dict):
+    if not (isinstance(data, dict) and isinstance(data.get("names"), list) and isinstance(data.get("points"), dict)):
         raise _fail(path, 'expected {"names": [...], "points": {NAME: [[x, y, visible], ...]}}')
     kp_names = [str(k) for k in data["names"]]
     if meta_names is not None and list(meta_names) != kp_names:

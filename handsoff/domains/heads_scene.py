@@ -17,8 +17,8 @@ import numpy as np
 
 from handsoff.domains.raster import Ellipsoid, Linear
 
-__all__ = ["CLASSES", "KEYPOINT_NAMES", "Prim", "Mat", "Ch", "MATERIAL_CLASS", "Draws", "HeadScene",
-           "sample_scene"]
+__all__ = ["CLASSES", "KEYPOINT_NAMES", "KEYPOINT_PRIMS", "BACKDROP_KINDS", "Prim", "Mat", "Ch", "MATERIAL_CLASS",
+           "Draws", "HeadScene", "sample_scene"]
 
 CLASSES: tuple[str, ...] = ("background", "skin", "hair", "eye", "brow", "nose", "mouth", "ear",
                             "neck", "cloth", "accessory")
@@ -68,6 +68,12 @@ class Mat(IntEnum):
 
 N_MATS = int(Mat.MOUTH_GAP) + 1
 
+_SKIN_PRIMS = (Prim.SKULL, Prim.JAW)
+#: The primitives each keypoint lies on: it is visible only where one of them is seen.
+KEYPOINT_PRIMS: tuple[tuple[Prim, ...], ...] = (
+    _SKIN_PRIMS, _SKIN_PRIMS, _SKIN_PRIMS, _SKIN_PRIMS, (Prim.NOSE,), _SKIN_PRIMS, _SKIN_PRIMS, _SKIN_PRIMS,
+    (Prim.EAR_R,), (Prim.EAR_L,))
+
 
 class Ch(IntEnum):
     """Channels of the per-image material table."""
@@ -75,16 +81,11 @@ class Ch(IntEnum):
     R = 0
     G = 1
     B = 2
-    SPEC = 3  # specular strength
-    SHINE = 4  # Blinn exponent (Schlick's rational approximation of x**m)
-    WRAP = 5  # wrap-around diffuse: soft light bleeding past the terminator (skin)
-    GRAIN = 6  # amplitude of fine noise
-    STRAND = 7  # amplitude of the hair strand pattern
-    STRIPE = 8  # amplitude of the cloth stripe pattern
-    BLOTCH = 9  # amplitude of smooth, low-frequency noise
+    GLOSS = 3  # specular strength; the Blinn exponent grows with it
+    NOISE = 4  # amplitude of the noise texture (smooth blotches plus grain)
 
 
-N_CH = int(Ch.BLOTCH) + 1
+N_CH = int(Ch.NOISE) + 1
 
 
 def _material_classes() -> np.ndarray:
@@ -346,35 +347,41 @@ class Light:
 
 @dataclass(frozen=True)
 class Textures:
-    """Per-image texture placement (texels across the frame, offsets in texels)."""
+    """Per-image texture placement (texels across the frame, offsets in texels) and amplitudes."""
 
-    grain_offset: np.ndarray  # [N, 2]
-    blotch_scale: np.ndarray  # [N]
-    blotch_offset: np.ndarray  # [N, 2]
+    grain_offset: np.ndarray  # [N, 2] film grain at the output size
+    noise_scale: np.ndarray  # [N] surface noise
+    noise_offset: np.ndarray  # [N, 2]
+    strand_amp: np.ndarray  # [N] hair strands
+    cloth_stripes: np.ndarray  # [N] stripes on the clothes (0: plain)
+    hat_stripes: np.ndarray  # [N] stripes on the hat
     strand_freq: np.ndarray  # [N]
     stripe_u: np.ndarray  # [N] stripe phase per frame unit along u
     stripe_v: np.ndarray
 
 
+#: Background shape slots: ellipse (0) or rectangle (1); the last one may be striped.
+BACKDROP_KINDS = (0, 1, 0, 1)
+
+
 @dataclass(frozen=True)
 class Backdrop:
-    """The cluttered background: a gradient, textured, with ``K`` shapes on top.
+    """The cluttered background: a textured gradient with shapes on top (`BACKDROP_KINDS`).
 
-    Shapes are ellipses (``kind 0``) or rectangles (``kind 1``) with soft one-pixel edges.
+    Shapes have soft one-pixel edges; their colours sometimes copy the skin or the hair.
     """
 
     colour0: np.ndarray  # [N, 3]
     colour1: np.ndarray  # [N, 3]
     direction: np.ndarray  # [N, 2] gradient direction (unit) / extent
     blotch: np.ndarray  # [N] texture amplitude
-    kind: np.ndarray  # [N, K] 0 ellipse, 1 rectangle
     centre: np.ndarray  # [N, K, 2]
     size: np.ndarray  # [N, K, 2] half extents
     angle: np.ndarray  # [N, K, 2] cos, sin
     colour: np.ndarray  # [N, K, 3]
-    opacity: np.ndarray  # [N, K]
-    stripes: np.ndarray  # [N, K] stripe amplitude
-    stripe_freq: np.ndarray  # [N, K]
+    opacity: np.ndarray  # [N, K] (0: absent)
+    stripes: np.ndarray  # [N] stripe amplitude of the last shape
+    stripe_freq: np.ndarray  # [N] stripes per half extent
 
 
 @dataclass(frozen=True)
@@ -396,61 +403,95 @@ class HeadScene:
     textures: Textures
     backdrop: Backdrop
     keypoints: np.ndarray  # [N, K, 3] camera-space anchors
-    visibility_tol: np.ndarray  # [N] depth tolerance of the keypoint occlusion test
+    visibility_tol: np.ndarray  # [N] depth tolerance of the keypoint visibility test
     grain: np.ndarray  # [N] film grain amplitude
     contrast: np.ndarray  # [N]
     brightness: np.ndarray  # [N]
 
 
-def sample_scene(seed: int, indices: np.ndarray) -> HeadScene:
-    """Draw the scenes of images ``indices`` of sequence ``seed``."""
-    d = Draws(seed, indices)
+_DEG = np.pi / 180.0
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The head's parts in head-local units (``[N, 3]`` centres and radii; ears: the left one)."""
+
+    skull_c: np.ndarray
+    skull_r: np.ndarray
+    jaw_c: np.ndarray
+    jaw_r: np.ndarray
+    nose_c: np.ndarray
+    nose_r: np.ndarray
+    ear_c: np.ndarray
+    ear_r: np.ndarray
+    ear_turn: np.ndarray  # [N, 3, 3] the left ear's flare; the right one is mirrored
+
+    def skin_z(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Front ``z`` of the skin (skull or jaw) above local ``(x, y)``."""
+        return np.maximum(_surface_z(x, y, self.skull_c, self.skull_r), _surface_z(x, y, self.jaw_c, self.jaw_r))
+
+
+@dataclass(frozen=True)
+class _Hair:
+    """Hair shell and long-hair mass (head-local), the hat, and which images have what."""
+
+    style: np.ndarray  # [N] 0 bald, 1 short, 2 long
+    thick: np.ndarray
+    shell_c: np.ndarray
+    shell_r: np.ndarray
+    clip: HairClip
+    back_c: np.ndarray
+    back_r: np.ndarray
+
+
+def _mirrored(p: np.ndarray) -> np.ndarray:
+    """Local points ``[..., 3]`` mirrored to the other side (x -> -x)."""
+    return p * np.array([-1.0, 1.0, 1.0])
+
+
+def _sample_pose(d: Draws) -> tuple[Frame, Frame, np.ndarray]:
+    """Head and body frames (the head turns about the top of the neck) and the head's yaw."""
     n = d.n
-    zero, one = np.zeros(n), np.ones(n)
-    deg = np.pi / 180.0
-
-    # --- pose and placement
     scale = d.uniform(0.46, 0.6)
-    yaw = d.normal(0.0, 28.0, 75.0) * deg
-    pitch = d.normal(0.0, 10.0, 28.0) * deg
-    roll = d.normal(0.0, 8.0, 25.0) * deg
+    yaw = d.normal(0.0, 28.0, 75.0) * _DEG
+    pitch = d.normal(0.0, 10.0, 28.0) * _DEG
+    roll = d.normal(0.0, 8.0, 25.0) * _DEG
     head_axes = _TO_CAMERA @ _rot_z(roll) @ _rot_x(pitch) @ _rot_y(yaw)
-    pivot_local = _vec(0.0, -0.6, -0.2, n=n)
-    # The neck pivot sits 0.6 R below the head centre; place the (frontal) head centre near the middle.
+    # The neck pivot sits 0.6 R below the head centre; the (frontal) head centre is near the middle.
     pivot = _vec(d.normal(0.0, 0.06, 0.15), d.normal(0.06, 0.05, 0.12) - 0.6 * scale, d.uniform(4.8, 5.2), n=n)
-    head_centre = pivot - scale[:, None] * np.einsum("nij,nj->ni", head_axes, pivot_local)
-    head = Frame(head_centre, head_axes, scale)
-    body_axes = _TO_CAMERA @ _rot_z(0.3 * roll + d.normal(0, 3.0, 8.0) * deg) \
-        @ _rot_y(0.35 * yaw + d.normal(0.0, 10.0, 25.0) * deg)
-    body = Frame(pivot, body_axes, scale)
+    head_centre = pivot - scale[:, None] * np.einsum("nij,j->ni", head_axes, np.array([0.0, -0.6, -0.2]))
+    body_axes = _TO_CAMERA @ _rot_z(0.3 * roll + d.normal(0, 3.0, 8.0) * _DEG) \
+        @ _rot_y(0.35 * yaw + d.normal(0.0, 10.0, 25.0) * _DEG)
+    return Frame(head_centre, head_axes, scale), Frame(pivot, body_axes, scale), yaw
 
-    # --- head shape (local units)
+
+def _sample_head(d: Draws) -> _Head:
+    n, zero = d.n, np.zeros(d.n)
     skull_r = np.stack([d.uniform(0.82, 0.94), d.uniform(0.98, 1.08), d.uniform(0.92, 1.02)], -1)
-    skull_c = np.zeros((n, 3))
     jaw_c = _vec(zero, -d.uniform(0.32, 0.42), d.uniform(0.06, 0.14), n=n)
     jaw_r = np.stack([d.uniform(0.62, 0.76), d.uniform(0.56, 0.68), d.uniform(0.74, 0.84)], -1)
-
-    def skin_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.maximum(_surface_z(x, y, skull_c, skull_r), _surface_z(x, y, jaw_c, jaw_r))
-
+    head = _Head(np.zeros((n, 3)), skull_r, jaw_c, jaw_r, *(np.zeros((n, 3)),) * 4, np.zeros((n, 3, 3)))
     nose_y = d.uniform(-0.24, -0.12)
     nose_r = np.stack([d.uniform(0.08, 0.13), d.uniform(0.17, 0.26), d.uniform(0.13, 0.2)], -1)
-    nose_c = _vec(zero, nose_y, skin_z(zero, nose_y) - nose_r[:, 2] + d.uniform(0.07, 0.14), n=n)
-
+    nose_c = _vec(zero, nose_y, head.skin_z(zero, nose_y) - nose_r[:, 2] + d.uniform(0.07, 0.14), n=n)
     ear_r = np.stack([d.uniform(0.06, 0.09), d.uniform(0.17, 0.25), d.uniform(0.1, 0.15)], -1)
     ear_y, ear_z = d.uniform(-0.14, -0.02), d.uniform(-0.14, 0.0)
     ear_x = skull_r[:, 0] * np.sqrt(1 - (ear_y / skull_r[:, 1]) ** 2 - (ear_z / skull_r[:, 2]) ** 2) \
         - d.uniform(0.0, 0.03)
-    flare = d.uniform(15.0, 35.0) * deg
+    return _Head(head.skull_c, skull_r, jaw_c, jaw_r, nose_c, nose_r, _vec(ear_x, ear_y, ear_z, n=n), ear_r,
+                 _rot_y(d.uniform(15.0, 35.0) * _DEG))
 
-    # --- hair
-    style = d.choice([0.05, 0.45, 0.5])  # bald, short, long
+
+def _sample_hair(d: Draws, head: _Head) -> _Hair:
+    """Bald, short (a cap above the ears) or long (down the sides, plus a mass behind the neck)."""
+    n, zero = d.n, np.zeros(d.n)
+    style = d.choice([0.05, 0.45, 0.5])
     bald, long_hair = style == 0, style == 2
     thick = d.uniform(0.07, 0.16)
-    hair_c = _vec(zero, d.uniform(0.0, 0.07), -d.uniform(0.0, 0.05), n=n)
-    hair_r = skull_r + thick[:, None] + _vec(zero, d.uniform(0.0, 0.05), zero, n=n)
+    shell_c = _vec(zero, d.uniform(0.0, 0.07), -d.uniform(0.0, 0.05), n=n)
+    shell_r = head.skull_r + thick[:, None] + _vec(zero, d.uniform(0.0, 0.05), zero, n=n)
     fringe = d.chance(0.35)
-    hair_clip = HairClip(
+    clip = HairClip(
         y_front=np.where(bald, 9.0, d.uniform(0.22, 0.5)),
         y_side=np.where(long_hair, -1.2, d.uniform(0.08, 0.3)),
         y_back=np.where(long_hair, -1.2, d.uniform(-0.7, -0.35)),
@@ -462,188 +503,201 @@ def sample_scene(seed: int, indices: np.ndarray) -> HeadScene:
         fringe_phase=d.uniform(0.0, 1.0),
     )
     back_c = _vec(zero, -d.uniform(0.55, 0.9), -d.uniform(0.42, 0.55), n=n)
-    back_r = np.stack([hair_r[:, 0] * d.uniform(0.95, 1.15), d.uniform(0.9, 1.4), d.uniform(0.42, 0.55)], -1)
+    back_r = np.stack([shell_r[:, 0] * d.uniform(0.95, 1.15), d.uniform(0.9, 1.4), d.uniform(0.42, 0.55)], -1)
+    return _Hair(style, thick, shell_c, shell_r, clip, back_c, back_r)
 
-    # --- accessories
+
+def _sample_hat(d: Draws, head: _Head, hair: _Hair) -> tuple[np.ndarray, np.ndarray, np.ndarray, HairClip,
+                                                              np.ndarray, np.ndarray, np.ndarray]:
+    """A crown (clipped shell over the hair) and maybe a brim: a visor or all round.
+
+    Returns: enabled, crown centre and radii, crown clip, brim enabled, brim centre and radii.
+    """
+    n, zero = d.n, np.zeros(d.n)
     hat = d.chance(0.15)
-    hat_c = hair_c + _vec(zero, d.uniform(0.0, 0.05), zero, n=n)
-    hat_r = np.where(bald[:, None], skull_r + 0.05, hair_r) + d.uniform(0.03, 0.08)[:, None]
-    hat_line = d.uniform(-0.05, 0.35)
-    has_brim, visor = d.chance(0.6) & hat, d.chance(0.6)
-    hat_tilt = np.where(has_brim, 0.0, d.uniform(-0.25, 0.25))
-    hat_clip = HairClip(hat_line + hat_tilt * 0.5, hat_line, hat_line - hat_tilt * 0.5, zero, zero,
-                        zero, zero, one, zero)
-    brim_y = hat_c[:, 1] + hat_line * hat_r[:, 1]
-    brim_c = _vec(zero, brim_y, np.where(visor, d.uniform(0.35, 0.6), 0.0), n=n)
+    crown_c = hair.shell_c + _vec(zero, d.uniform(0.0, 0.05), zero, n=n)
+    crown_r = np.where((hair.style == 0)[:, None], head.skull_r + 0.05, hair.shell_r) + d.uniform(0.03, 0.08)[:, None]
+    line = d.uniform(-0.05, 0.35)
+    brim, visor = d.chance(0.6) & hat, d.chance(0.6)
+    tilt = np.where(brim, 0.0, d.uniform(-0.25, 0.25))
+    clip = HairClip(line + tilt * 0.5, line, line - tilt * 0.5, zero, zero, zero, zero, zero + 1.0, zero)
+    brim_c = _vec(zero, crown_c[:, 1] + line * crown_r[:, 1], np.where(visor, d.uniform(0.35, 0.6), 0.0), n=n)
     brim_w = np.where(visor, d.uniform(0.6, 0.8), d.uniform(1.35, 1.7))
     brim_r = _vec(brim_w, d.uniform(0.025, 0.04), np.where(visor, d.uniform(0.85, 1.05), brim_w), n=n)
+    return hat, crown_c, crown_r, clip, brim, brim_c, brim_r
 
-    face = FaceDecals(
-        eye_x=d.uniform(0.27, 0.35), eye_y=d.uniform(0.0, 0.09), eye_w=d.uniform(0.12, 0.16),
-        eye_h=d.uniform(0.05, 0.075), iris_r=d.uniform(0.055, 0.07), pupil_r=d.uniform(0.02, 0.03),
+
+def _sample_face(d: Draws, yaw: np.ndarray) -> FaceDecals:
+    eye_x, eye_y = d.uniform(0.27, 0.35), d.uniform(0.0, 0.09)
+    eye_w, eye_h = d.uniform(0.12, 0.16), d.uniform(0.05, 0.075)
+    return FaceDecals(
+        eye_x=eye_x, eye_y=eye_y, eye_w=eye_w, eye_h=eye_h,
+        iris_r=d.uniform(0.055, 0.07), pupil_r=d.uniform(0.02, 0.03),
+        # Eyes tend to look at the camera: the gaze turns against the head's yaw.
         gaze_x=d.normal(0.0, 0.02, 0.04) - 0.04 * np.sin(yaw), gaze_y=d.normal(0.0, 0.01, 0.02),
         liner=d.uniform(0.5, 0.75),
-        brow_x=zero, brow_y=zero, brow_w=zero, brow_arch=d.uniform(0.0, 0.06),
+        brow_x=eye_x + d.uniform(-0.01, 0.04), brow_y=eye_y + eye_h + d.uniform(0.06, 0.12),
+        brow_w=eye_w * d.uniform(1.15, 1.5), brow_arch=d.uniform(0.0, 0.06),
         brow_thick=d.uniform(0.022, 0.045), brow_slant=d.uniform(-0.12, 0.12),
         mouth_y=d.uniform(-0.6, -0.48), mouth_w=d.uniform(0.17, 0.25), lip_upper=d.uniform(0.025, 0.045),
         lip_lower=d.uniform(0.03, 0.06), smile=d.uniform(-0.02, 0.06), gap=d.uniform(0.005, 0.012),
         socket=d.uniform(0.1, 0.3),
     )
-    face = FaceDecals(**{**face.__dict__,
-                         "brow_x": face.eye_x + d.uniform(-0.01, 0.04),
-                         "brow_y": face.eye_y + face.eye_h + d.uniform(0.06, 0.12),
-                         "brow_w": face.eye_w * d.uniform(1.15, 1.5)})
 
-    has_glasses = d.chance(0.25)
+
+def _sample_glasses(d: Draws, head: _Head, hair: _Hair,
+                    face: FaceDecals) -> tuple[Glasses, np.ndarray, np.ndarray]:
+    """A frame in a plane in front of the eyes; returns it and the left temple's centre and radii."""
+    n = d.n
     lens_y = face.eye_y - d.uniform(0.0, 0.03)
-    plane_z = skin_z(face.eye_x, face.eye_y) + d.uniform(0.1, 0.17)
+    plane_z = head.skin_z(face.eye_x, face.eye_y) + d.uniform(0.1, 0.17)
     lens_h = d.uniform(0.09, 0.14)
     lens_w = np.maximum(d.uniform(0.15, 0.2), face.eye_w * 1.15)
     lens_x = np.maximum(face.eye_x * d.uniform(0.98, 1.06), lens_w + 0.07)
-    rim_t = d.uniform(0.025, 0.05)
-    temple_x = skull_r[:, 0] * np.sqrt(np.maximum(1 - (lens_y / skull_r[:, 1]) ** 2, 0.0)) + 0.03
-    temple_x = np.where(bald | long_hair, temple_x, temple_x + 0.5 * thick)
+    rim = d.uniform(0.025, 0.05)
+    # Temples run along the side of the head (over short hair) back to the ears.
+    temple_x = head.skull_r[:, 0] * np.sqrt(np.maximum(1 - (lens_y / head.skull_r[:, 1]) ** 2, 0.0)) + 0.03
+    temple_x = np.where(hair.style == 1, temple_x + 0.5 * hair.thick, temple_x)
     glasses = Glasses(
-        enabled=has_glasses, plane_z=plane_z, lens_x=lens_x, lens_y=lens_y, lens_w=lens_w, lens_h=lens_h,
-        rim=((1 - rim_t / lens_h) ** 2), bar_y=lens_y + lens_h * d.uniform(0.2, 0.5), bar_h=rim_t * 0.6,
+        enabled=d.chance(0.25), plane_z=plane_z, lens_x=lens_x, lens_y=lens_y, lens_w=lens_w, lens_h=lens_h,
+        rim=(1 - rim / lens_h) ** 2, bar_y=lens_y + lens_h * d.uniform(0.2, 0.5), bar_h=rim * 0.6,
         temple_x=temple_x,
-        tint=np.clip(_pick(d.chance(0.25), _random_colour(d) * 0.5 + 0.5, one[:, None] * 0.92), 0, 1),
+        tint=np.clip(_pick(d.chance(0.25), _random_colour(d) * 0.5 + 0.5, np.full((n, 3), 0.92)), 0, 1),
     )
-    temple_len = 0.5 * (plane_z - ear_z)
-    temple_c = np.stack([temple_x, glasses.bar_y, plane_z - temple_len], -1)
-    temple_r = _vec(rim_t * 0.45, rim_t * 0.45, temple_len, n=n)
+    half_length = 0.5 * (plane_z - head.ear_c[:, 2])
+    temple_c = np.stack([temple_x, glasses.bar_y, plane_z - half_length], -1)
+    return glasses, temple_c, _vec(rim * 0.45, rim * 0.45, half_length, n=n)
 
-    earrings = d.chance(0.2)
-    ear_turn_r, ear_turn_l = _rot_y(-flare), _rot_y(flare)
-    ring_r = d.uniform(0.035, 0.06)
-    ring_drop = _vec(zero, -(ear_r[:, 1] + ring_r * 0.6), zero, n=n)
 
-    def mirrored(p: np.ndarray, side: float) -> np.ndarray:
-        return p * np.array([side, 1.0, 1.0])
-
-    ear_c = _vec(ear_x, ear_y, ear_z, n=n)
-    ring_c_l = ear_c + np.einsum("nij,nj->ni", ear_turn_l, ring_drop)
-
-    on = np.ones(n, dtype=bool)
-    prims = (
-        head.ellipsoid(skull_c, skull_r, on),
-        head.ellipsoid(jaw_c, jaw_r, on),
-        head.ellipsoid(nose_c, nose_r, on),
-        head.ellipsoid(mirrored(ear_c, -1), ear_r, on, ear_turn_r),
-        head.ellipsoid(ear_c, ear_r, on, ear_turn_l),
-        body.ellipsoid(_vec(zero, -0.5, zero, n=n), _vec(d.uniform(0.36, 0.46), 0.8 + zero,
-                                                          d.uniform(0.36, 0.44), n=n), on),
-        body.ellipsoid(_vec(zero, -1.45 - d.uniform(0.0, 0.2), -d.uniform(0.05, 0.2), n=n),
-                       _vec(d.uniform(1.9, 2.5), d.uniform(0.8, 0.95), d.uniform(0.62, 0.8), n=n), on),
-        head.ellipsoid(hair_c, hair_r, ~bald),
-        head.ellipsoid(back_c, back_r, long_hair),
-        head.ellipsoid(hat_c, hat_r, hat),
-        head.ellipsoid(brim_c, brim_r, has_brim),
-        head.ellipsoid(mirrored(ring_c_l, -1), _vec(ring_r, ring_r, ring_r, n=n), earrings),
-        head.ellipsoid(ring_c_l, _vec(ring_r, ring_r, ring_r, n=n), earrings),
-        head.ellipsoid(mirrored(temple_c, -1), temple_r, has_glasses),
-        head.ellipsoid(temple_c, temple_r, has_glasses),
-    )
-    local = head.local_coords()
-
-    # --- materials
-    skin = _skin_colour(d)
-    hair_col = _hair_colour(d)
+def _sample_materials(d: Draws, skin: np.ndarray, hair: np.ndarray) -> np.ndarray:
+    """The material table ``[N, N_MATS, N_CH]``: colours, gloss and texture amplitude."""
+    n = d.n
     mats = np.zeros((n, N_MATS, N_CH))
 
-    def paint(ids: list[int], rgb: np.ndarray, spec: np.ndarray | float, shine: np.ndarray | float,
-              wrap: float = 0.1, grain: float = 0.0, strand: float = 0.0, stripe: np.ndarray | float = 0.0,
-              blotch: float = 0.0) -> None:
+    def paint(ids: list[int], rgb: np.ndarray, gloss: np.ndarray | float, noise: np.ndarray | float = 0.0) -> None:
         for i in ids:
-            mats[:, i, :3] = rgb
-            mats[:, i, Ch.SPEC], mats[:, i, Ch.SHINE], mats[:, i, Ch.WRAP] = spec, shine, wrap
-            mats[:, i, Ch.GRAIN], mats[:, i, Ch.STRAND] = grain, strand
-            mats[:, i, Ch.STRIPE], mats[:, i, Ch.BLOTCH] = stripe, blotch
+            mats[:, i, :3], mats[:, i, Ch.GLOSS], mats[:, i, Ch.NOISE] = rgb, gloss, noise
 
-    skin_spec, skin_shine = d.uniform(0.06, 0.22), d.uniform(8.0, 30.0)
-    paint([Prim.SKULL, Prim.JAW], skin, skin_spec, skin_shine, wrap=0.35, grain=0.03, blotch=0.08)
-    paint([Prim.NOSE], skin * d.uniform(0.97, 1.04)[:, None], skin_spec * 1.3, skin_shine, 0.35, 0.03, blotch=0.08)
-    paint([Prim.EAR_R, Prim.EAR_L], skin * np.array([0.97, 0.93, 0.92]), skin_spec, skin_shine, 0.35, 0.03)
-    paint([Prim.NECK], skin * d.uniform(0.8, 0.92)[:, None], skin_spec * 0.7, skin_shine, 0.35, 0.03, blotch=0.06)
-    cloth = _random_colour(d)
-    paint([Prim.TORSO], cloth, 0.04, 6.0, 0.15, grain=0.05,
-          stripe=np.where(d.chance(0.35), d.uniform(0.15, 0.5), 0.0), blotch=0.1)
-    hair_spec = d.uniform(0.08, 0.3)
-    paint([Prim.HAIR, Prim.HAIR_BACK], hair_col, hair_spec, d.uniform(10.0, 30.0), 0.1, grain=0.08,
-          strand=d.uniform(0.15, 0.45), blotch=0.1)
-    hat_col = _random_colour(d)
-    paint([Prim.HAT, Prim.BRIM], hat_col, 0.08, 10.0, 0.1, grain=0.06,
-          stripe=np.where(d.chance(0.3), 0.35, 0.0), blotch=0.05)
-    metal = _pick(d.chance(0.5), np.array([0.85, 0.66, 0.28]) + zero[:, None], np.array([0.78, 0.78, 0.8]) + zero[:, None])
-    paint([Prim.EARRING_R, Prim.EARRING_L], metal, 0.9, 60.0)
-    frame_kind = d.choice([3.0, 1.5, 1.0, 1.0])  # black, tortoise, metal, colour
-    frame_col = np.select([frame_kind[:, None] == 0, frame_kind[:, None] == 1, frame_kind[:, None] == 2],
-                          [np.array([0.05, 0.05, 0.06]) + zero[:, None], np.array([0.3, 0.17, 0.08]) + zero[:, None],
-                           np.array([0.7, 0.68, 0.62]) + zero[:, None]], _random_colour(d))
-    paint([Prim.GLASSES, Prim.TEMPLE_R, Prim.TEMPLE_L], frame_col, 0.6, 40.0, grain=0.02)
-    paint([Mat.SCLERA], np.array([0.93, 0.9, 0.87]) * d.uniform(0.8, 0.95)[:, None], 0.5, 50.0)
-    iris = _IRIS[d.choice(_IRIS_WEIGHTS)] * d.uniform(0.8, 1.15)[:, None]
-    paint([Mat.IRIS], iris, 0.6, 60.0, grain=0.1)
-    paint([Mat.PUPIL], np.array([0.03, 0.03, 0.03]) + zero[:, None], 0.8, 60.0)
-    paint([Mat.LINER], np.minimum(hair_col, 0.12) * 0.6 + 0.02, 0.2, 20.0)
-    brow_col = np.minimum(hair_col * d.uniform(0.6, 0.85)[:, None], skin * 0.55)
-    paint([Mat.BROW], brow_col, 0.05, 10.0, grain=0.15)
-    lipstick = d.chance(0.15)
-    lip = _pick(lipstick, _hsv(d.uniform(0.92, 1.02) % 1.0, d.uniform(0.5, 0.85), d.uniform(0.45, 0.8)),
-                skin * np.array([0.9, 0.6, 0.6]) * d.uniform(0.85, 1.0)[:, None])
-    paint([Mat.LIP_UPPER], lip * 0.92, 0.35, 25.0, 0.3, grain=0.04)
-    paint([Mat.LIP_LOWER], lip, 0.45, 25.0, 0.3, grain=0.04)
-    paint([Mat.MOUTH_GAP], np.array([0.22, 0.07, 0.07]) * (0.5 + 0.5 * skin), 0.1, 10.0)
-    mats[:, :, Ch.SHINE] = np.maximum(mats[:, :, Ch.SHINE], 1.0)
+    def const(rgb: list[float]) -> np.ndarray:
+        return np.broadcast_to(np.array(rgb), (n, 3))
 
-    # --- light
-    az, el = d.uniform(-70.0, 70.0) * deg, d.uniform(-10.0, 60.0) * deg
+    skin_gloss, skin_noise = d.uniform(0.06, 0.22), d.uniform(0.04, 0.12)
+    paint([Prim.SKULL, Prim.JAW], skin, skin_gloss, skin_noise)
+    paint([Prim.NOSE], skin * d.uniform(0.97, 1.04)[:, None], skin_gloss * 1.3, skin_noise)
+    paint([Prim.EAR_R, Prim.EAR_L], skin * np.array([0.97, 0.93, 0.92]), skin_gloss, skin_noise)
+    paint([Prim.NECK], skin * d.uniform(0.8, 0.92)[:, None], skin_gloss * 0.7, skin_noise)
+    paint([Prim.TORSO], _random_colour(d), 0.04, d.uniform(0.05, 0.2))
+    paint([Prim.HAIR, Prim.HAIR_BACK], hair, d.uniform(0.08, 0.3), 0.12)
+    paint([Prim.HAT, Prim.BRIM], _random_colour(d), 0.08, 0.1)
+    paint([Prim.EARRING_R, Prim.EARRING_L], _pick(d.chance(0.5), const([0.85, 0.66, 0.28]), const([0.78, 0.78, 0.8])),
+          0.9)
+    kind = d.choice([3.0, 1.5, 1.0, 1.0])[:, None]  # black, tortoise, metal, colour
+    fixed = [const([0.05, 0.05, 0.06]), const([0.3, 0.17, 0.08]), const([0.7, 0.68, 0.62])]
+    frame = np.select([kind == 0, kind == 1, kind == 2], fixed, _random_colour(d))
+    paint([Prim.GLASSES, Prim.TEMPLE_R, Prim.TEMPLE_L], frame, 0.6, 0.03)
+    paint([Mat.SCLERA], np.array([0.93, 0.9, 0.87]) * d.uniform(0.8, 0.95)[:, None], 0.5)
+    paint([Mat.IRIS], _IRIS[d.choice(_IRIS_WEIGHTS)] * d.uniform(0.8, 1.15)[:, None], 0.6, 0.15)
+    paint([Mat.PUPIL], const([0.03, 0.03, 0.03]), 0.8)
+    paint([Mat.LINER], np.minimum(hair, 0.12) * 0.6 + 0.02, 0.2)
+    paint([Mat.BROW], np.minimum(hair * d.uniform(0.6, 0.85)[:, None], skin * 0.55), 0.05, 0.2)
+    lipstick = _hsv(d.uniform(0.92, 1.02) % 1.0, d.uniform(0.5, 0.85), d.uniform(0.45, 0.8))
+    lip = _pick(d.chance(0.15), lipstick, skin * np.array([0.9, 0.6, 0.6]) * d.uniform(0.85, 1.0)[:, None])
+    paint([Mat.LIP_UPPER], lip * 0.92, 0.35, 0.05)
+    paint([Mat.LIP_LOWER], lip, 0.45, 0.05)
+    paint([Mat.MOUTH_GAP], np.array([0.22, 0.07, 0.07]) * (0.5 + 0.5 * skin), 0.1)
+    return mats
+
+
+def _sample_light(d: Draws) -> Light:
+    """A directional light from the front half-space, warm or cool, plus ambient."""
+    az, el = d.uniform(-70.0, 70.0) * _DEG, d.uniform(-10.0, 60.0) * _DEG
     direction = np.stack([np.sin(az) * np.cos(el), np.sin(el), -np.cos(az) * np.cos(el)], -1)
     half = direction + np.array([0.0, 0.0, -1.0])
     half /= np.linalg.norm(half, axis=-1, keepdims=True)
     warm = d.uniform(-0.12, 0.12)[:, None] * np.array([1.0, 0.0, -1.0]) + 1.0
-    light = Light(direction, half, ambient=d.uniform(0.25, 0.5)[:, None] * (2.0 - warm),
-                  diffuse=d.uniform(0.55, 0.9)[:, None] * warm, specular=d.uniform(0.5, 1.0)[:, None] * warm)
+    return Light(direction, half, ambient=d.uniform(0.25, 0.5)[:, None] * (2.0 - warm),
+                 diffuse=d.uniform(0.55, 0.9)[:, None] * warm, specular=d.uniform(0.5, 1.0)[:, None] * warm)
 
-    textures = Textures(
-        grain_offset=d.uniforms(0.0, 512.0, 2), blotch_scale=d.uniform(180.0, 512.0),
-        blotch_offset=d.uniforms(0.0, 512.0, 2), strand_freq=d.uniform(9.0, 22.0),
-        stripe_u=np.zeros(n), stripe_v=np.zeros(n))
+
+def _sample_textures(d: Draws) -> Textures:
     stripe_angle, stripe_freq = d.uniform(0.0, np.pi), d.uniform(4.0, 14.0)
-    textures = Textures(**{**textures.__dict__, "stripe_u": np.cos(stripe_angle) * stripe_freq,
-                           "stripe_v": np.sin(stripe_angle) * stripe_freq})
+    return Textures(
+        grain_offset=d.uniforms(0.0, 512.0, 2), noise_scale=d.uniform(250.0, 512.0),
+        noise_offset=d.uniforms(0.0, 512.0, 2), strand_freq=d.uniform(9.0, 22.0),
+        strand_amp=d.uniform(0.15, 0.45), cloth_stripes=np.where(d.chance(0.35), d.uniform(0.15, 0.5), 0.0),
+        hat_stripes=np.where(d.chance(0.3), 0.35, 0.0),
+        stripe_u=np.cos(stripe_angle) * stripe_freq, stripe_v=np.sin(stripe_angle) * stripe_freq)
 
-    backdrop = _sample_backdrop(d, skin, hair_col)
 
-    # --- keypoints: 3-D anchors in head-local coordinates
+def _anchors(head: _Head, face: FaceDecals) -> np.ndarray:
+    """Keypoint anchors in head-local coordinates ``[N, K, 3]``, in `KEYPOINT_NAMES` order."""
+    n = len(face.eye_x)
+
+    def on_skin(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return _vec(x, y, head.skin_z(x, y), n=n)
+
     ex, ey, bx, by = face.eye_x, face.eye_y, face.brow_x, face.brow_y + face.brow_arch
-    mx = face.mouth_w * 0.97
-    my = face.mouth_y + face.smile * 0.94
-    anchors = [
-        _vec(-ex, ey, skin_z(-ex, ey), n=n), _vec(ex, ey, skin_z(ex, ey), n=n),
-        _vec(-bx, by, skin_z(-bx, by), n=n), _vec(bx, by, skin_z(bx, by), n=n),
-        nose_c + _vec(zero, -0.15 * nose_r[:, 1], 0.99 * nose_r[:, 2], n=n),
-        _vec(-mx, my, skin_z(-mx, my), n=n), _vec(mx, my, skin_z(mx, my), n=n),
-        jaw_c + jaw_r * np.array([0.0, -0.8, 0.6]),
-    ]
-    ear_point = np.array([0.8, 0.0, 0.6])
-    for side, turn in ((-1.0, ear_turn_r), (1.0, ear_turn_l)):
-        anchors.append(mirrored(ear_c, side) + np.einsum("nij,nj->ni", turn, ear_r * ear_point * [side, 1, 1]))
-    keypoints = head.point(np.stack(anchors, 1))
+    mx, my = face.mouth_w * 0.93, face.mouth_y + face.smile * 0.93**2
+    # The left ear's outer face, turned forward by its flare; the right ear mirrors it.
+    ear = head.ear_c + np.einsum("nij,nj->ni", head.ear_turn, head.ear_r * np.array([0.8, 0.0, 0.6]))
+    return np.stack([
+        on_skin(-ex, ey), on_skin(ex, ey), on_skin(-bx, by), on_skin(bx, by),
+        head.nose_c + head.nose_r * np.array([0.0, -0.15, 0.99]),
+        on_skin(-mx, my), on_skin(mx, my),
+        head.jaw_c + head.jaw_r * np.array([0.0, -0.8, 0.6]),
+        _mirrored(ear), ear,
+    ], 1)
 
+
+def sample_scene(seed: int, indices: np.ndarray) -> HeadScene:
+    """Draw the scenes of images ``indices`` of sequence ``seed``."""
+    d = Draws(seed, indices)
+    n, zero = d.n, np.zeros(d.n)
+    head_frame, body, yaw = _sample_pose(d)
+    head = _sample_head(d)
+    hair = _sample_hair(d, head)
+    hat, crown_c, crown_r, hat_clip, brim, brim_c, brim_r = _sample_hat(d, head, hair)
+    face = _sample_face(d, yaw)
+    glasses, temple_c, temple_r = _sample_glasses(d, head, hair, face)
+    earrings, ring_r = d.chance(0.2), d.uniform(0.035, 0.06)
+    ring_c = head.ear_c + np.einsum("nij,nj->ni", head.ear_turn, _vec(zero, -(head.ear_r[:, 1] + ring_r * 0.6),
+                                                                         zero, n=n))
+    ring = _vec(ring_r, ring_r, ring_r, n=n)
+    on = np.ones(n, dtype=bool)
+    mirror = np.diag([-1.0, 1.0, 1.0])  # the right ear's flare is the left one's, reflected
+    prims = (  # in `Prim` order
+        head_frame.ellipsoid(head.skull_c, head.skull_r, on),
+        head_frame.ellipsoid(head.jaw_c, head.jaw_r, on),
+        head_frame.ellipsoid(head.nose_c, head.nose_r, on),
+        head_frame.ellipsoid(_mirrored(head.ear_c), head.ear_r, on, mirror @ head.ear_turn @ mirror),
+        head_frame.ellipsoid(head.ear_c, head.ear_r, on, head.ear_turn),
+        body.ellipsoid(_vec(zero, -0.5, zero, n=n), _vec(d.uniform(0.36, 0.46), 0.8, d.uniform(0.36, 0.44), n=n), on),
+        body.ellipsoid(_vec(zero, -1.45 - d.uniform(0.0, 0.2), -d.uniform(0.05, 0.2), n=n),
+                       _vec(d.uniform(1.9, 2.5), d.uniform(0.8, 0.95), d.uniform(0.62, 0.8), n=n), on),
+        head_frame.ellipsoid(hair.shell_c, hair.shell_r, hair.style > 0),
+        head_frame.ellipsoid(hair.back_c, hair.back_r, hair.style == 2),
+        head_frame.ellipsoid(crown_c, crown_r, hat),
+        head_frame.ellipsoid(brim_c, brim_r, brim),
+        head_frame.ellipsoid(_mirrored(ring_c), ring, earrings),
+        head_frame.ellipsoid(ring_c, ring, earrings),
+        head_frame.ellipsoid(_mirrored(temple_c), temple_r, glasses.enabled),
+        head_frame.ellipsoid(temple_c, temple_r, glasses.enabled),
+    )
+    local = head_frame.local_coords()
+    skin, hair_colour = _skin_colour(d), _hair_colour(d)
     return HeadScene(
-        n=n, head=head, local=local, prims=prims,
-        hair_unit=_unit_coords(local, hair_c, hair_r), hair_clip=hair_clip,
-        hat_unit=_unit_coords(local, hat_c, hat_r), hat_clip=hat_clip,
-        glasses=glasses, face=face, materials=mats, light=light, textures=textures, backdrop=backdrop,
-        keypoints=keypoints, visibility_tol=0.03 * scale,
+        n=n, head=head_frame, local=local, prims=prims,
+        hair_unit=_unit_coords(local, hair.shell_c, hair.shell_r), hair_clip=hair.clip,
+        hat_unit=_unit_coords(local, crown_c, crown_r), hat_clip=hat_clip,
+        glasses=glasses, face=face, materials=_sample_materials(d, skin, hair_colour), light=_sample_light(d),
+        textures=_sample_textures(d), backdrop=_sample_backdrop(d, skin, hair_colour),
+        keypoints=head_frame.point(_anchors(head, face)), visibility_tol=0.1 * head_frame.scale,
         grain=d.uniform(0.0, 0.03), contrast=d.uniform(0.85, 1.1), brightness=d.uniform(-0.05, 0.05),
     )
 
 
-def _sample_backdrop(d: Draws, skin: np.ndarray, hair: np.ndarray, shapes: int = 5) -> Backdrop:
+def _sample_backdrop(d: Draws, skin: np.ndarray, hair: np.ndarray) -> Backdrop:
     """Background: sometimes in the colours of the skin or hair, so that they are confusable."""
-    n = d.n
 
     def colour() -> np.ndarray:
         look_alike = d.choice([6.0, 1.5, 1.0])  # random, skin-like, hair-like
@@ -652,22 +706,19 @@ def _sample_backdrop(d: Draws, skin: np.ndarray, hair: np.ndarray, shapes: int =
 
     angle = d.uniform(0.0, 2 * np.pi)
     extent = d.uniform(0.3, 1.5)
-    kinds, centres, sizes, angles, colours, opacity, stripes, freq = [], [], [], [], [], [], [], []
     c0, c1 = colour(), colour()
-    for _ in range(shapes):
-        kinds.append(d.choice([1.0, 1.0]))
+    centres, sizes, angles, colours, opacity = [], [], [], [], []
+    for _ in BACKDROP_KINDS:
         centres.append(d.uniforms(-1.2, 1.2, 2))
         sizes.append(d.uniforms(0.08, 0.7, 2))
         a = d.uniform(0.0, np.pi)
         angles.append(np.stack([np.cos(a), np.sin(a)], -1))
         colours.append(colour())
-        opacity.append(np.where(d.chance(0.8), d.uniform(0.5, 1.0), 0.0))
-        stripes.append(np.where(d.chance(0.3), d.uniform(0.1, 0.4), 0.0))
-        freq.append(d.uniform(3.0, 12.0))
+        opacity.append(np.where(d.chance(0.85), d.uniform(0.5, 1.0), 0.0))
     return Backdrop(
         colour0=c0, colour1=c1,
         direction=np.stack([np.cos(angle), np.sin(angle)], -1) / extent[:, None],
-        blotch=d.uniform(0.0, 0.25), kind=np.stack(kinds, -1), centre=np.stack(centres, 1),
-        size=np.stack(sizes, 1), angle=np.stack(angles, 1), colour=np.stack(colours, 1),
-        opacity=np.stack(opacity, -1), stripes=np.stack(stripes, -1), stripe_freq=np.stack(freq, -1),
+        blotch=d.uniform(0.0, 0.25), centre=np.stack(centres, 1), size=np.stack(sizes, 1),
+        angle=np.stack(angles, 1), colour=np.stack(colours, 1), opacity=np.stack(opacity, -1),
+        stripes=np.where(d.chance(0.6), d.uniform(0.1, 0.4), 0.0), stripe_freq=d.uniform(2.0, 8.0),
     )

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FAR_DEPTH", "MISS", "ClipFn", "Grid", "points_box", "Linear", "Ellipsoid", "ZBuffer", "per_image", "step", "penalty", "no_hits",
-           "ellipsoid_depth", "clipped_ellipsoid_depth", "tri", "TileSampler", "pool_2x2", "majority_2x2"]
+__all__ = ["FAR_DEPTH", "MISS", "ClipFn", "Grid", "Region", "points_box", "union_box", "Linear", "Ellipsoid",
+           "ZBuffer", "per_image", "step", "penalty", "no_hits", "ellipsoid_depth", "clipped_ellipsoid_depth", "tri",
+           "TileSampler", "pool_2x2", "majority_2x2"]
 
 #: Depth of the background: every scene surface lies well in front of it (heads sit at z ~ 5).
 FAR_DEPTH = 10.0
@@ -57,50 +58,115 @@ def penalty(margin: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Grid:
-    """Sample centres of a square ``res x res`` render in frame units, or a window of them.
+    """Sample centres in frame units: a full square ``res x res`` grid, or a part of it.
 
-    ``u``: ``[1, 1, W]`` left to right; ``v``: ``[1, H, 1]`` top to bottom (``+1 .. -1``).
-    Sample ``(i, j)`` is centred at ``u = -1 + (j + 0.5) * 2 / res``, ``v = -(same for i)``,
-    so the centre of a 2x2 block of a ``2 * res`` grid is the centre of a ``res`` pixel.
-    A window covers rows ``rows`` and columns ``cols`` of the full grid: primitives that fill
-    a small part of the frame in every image of a block are only evaluated there.
+    ``u``: column centres, left to right; ``v``: row centres, top to bottom (``+1 .. -1``);
+    float64 numpy ``[W]`` / ``[H]`` shared by all images, or ``[N, W]`` / ``[N, H]`` per
+    image (crops at per-image offsets, see `Region`). On the full grid sample ``(i, j)`` is
+    centred at ``u = -1 + (j + 0.5) * 2 / res``, ``v = -(same for i)``, so the centre of a
+    2x2 block of a ``2 * res`` grid is the centre of a ``res`` pixel.
     """
 
     res: int
-    u: Tensor
-    v: Tensor
-    rows: slice
-    cols: slice
+    u: np.ndarray
+    v: np.ndarray
 
     @staticmethod
     def square(res: int) -> "Grid":
-        centres = (-1.0 + (torch.arange(res, dtype=torch.float64) + 0.5) * (2.0 / res)).float()
-        return Grid(res, centres.view(1, 1, res), (-centres).view(1, res, 1), slice(0, res), slice(0, res))
+        centres = -1.0 + (np.arange(res) + 0.5) * (2.0 / res)
+        return Grid(res, centres, -centres)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.v.shape[1], self.u.shape[2]
+        return self.v.shape[-1], self.u.shape[-1]
 
-    def window(self, box: np.ndarray) -> "Grid | None":
-        """The window of this (full) grid that holds every box ``[N, 4]`` (x0, x1, y0, y1) or None.
+    def row(self, values: np.ndarray) -> Tensor:
+        """Per-column values ``[N, W]`` (float64 numpy) -> float32 ``[N, 1, W]``."""
+        return torch.from_numpy(values.astype(np.float32)).view(-1, 1, self.shape[1])
 
-        Rows of NaN are ignored (absent primitives); the window has a one-sample margin.
+    def col(self, values: np.ndarray) -> Tensor:
+        """Per-row values ``[N, H]`` (float64 numpy) -> float32 ``[N, H, 1]``."""
+        return torch.from_numpy(values.astype(np.float32)).view(-1, self.shape[0], 1)
+
+    def affine(self, au: np.ndarray, av: np.ndarray, a0: np.ndarray) -> Tensor:
+        """``au*u + av*v + a0`` per image (``[N]`` each) on the grid: ``[N, H, W]``."""
+        return self.row(au[:, None] * self.u + a0[:, None]) + self.col(av[:, None] * self.v)
+
+
+class Region:
+    """Where a part of the scene is evaluated: a window shared by a block, or per-image crops.
+
+    Most parts cover a small area of every image, at places that differ from image to image.
+    A shared window (one slice of the full grid) costs nothing to cut out; per-image crops of
+    one common size (gathered by index) cost two index operations but can be much smaller.
+    `Region.of` picks the cheaper. ``grid`` holds the sample coordinates of the region.
+    """
+
+    def __init__(self, grid: Grid, window: tuple[slice, slice] | None, index: Tensor | None, n: int) -> None:
+        self.grid, self._window, self._index, self._n = grid, window, index, n
+
+    @staticmethod
+    def of(full: Grid, box: np.ndarray) -> "Region | None":
+        """The region of ``full`` that holds per-image boxes ``[N, 4]`` (x0, x1, y0, y1), or None.
+
+        NaN rows are ignored (absent parts); boxes get a one-sample margin.
         """
-        box = box[~np.isnan(box).any(axis=1)]
-        if len(box) == 0:
+        n, res, half = len(box), full.res, 0.5 * full.res
+        present = ~np.isnan(box).any(axis=1)
+        if not present.any():
             return None
-        half = 0.5 * self.res
-        c0 = max(int(np.floor((box[:, 0].min() + 1.0) * half - 0.5)) - 1, 0)
-        c1 = min(int(np.ceil((box[:, 1].max() + 1.0) * half - 0.5)) + 2, self.res)
-        r0 = max(int(np.floor((1.0 - box[:, 3].max()) * half - 0.5)) - 1, 0)
-        r1 = min(int(np.ceil((1.0 - box[:, 2].min()) * half - 0.5)) + 2, self.res)
-        if c0 >= c1 or r0 >= r1:
+        safe = np.where(present[:, None], box, 0.0)
+        c0 = np.clip(np.floor((safe[:, 0] + 1.0) * half - 0.5).astype(np.int64) - 1, 0, res)
+        c1 = np.clip(np.ceil((safe[:, 1] + 1.0) * half - 0.5).astype(np.int64) + 2, 0, res)
+        r0 = np.clip(np.floor((1.0 - safe[:, 3]) * half - 0.5).astype(np.int64) - 1, 0, res)
+        r1 = np.clip(np.ceil((1.0 - safe[:, 2]) * half - 0.5).astype(np.int64) + 2, 0, res)
+        c0, c1, r0, r1 = (np.where(present, x, d) for x, d in ((c0, res), (c1, 0), (r0, res), (r1, 0)))
+        h, w = int((r1 - r0).max()), int((c1 - c0).max())
+        if h <= 0 or w <= 0:
             return None
-        return Grid(self.res, self.u[:, :, c0:c1], self.v[:, r0:r1], slice(r0, r1), slice(c0, c1))
+        rows, cols = slice(int(r0.min()), int(r1.max())), slice(int(c0.min()), int(c1.max()))
+        union = (rows.stop - rows.start) * (cols.stop - cols.start)
+        # Crops pay two gathers of their size: worth it when they are much smaller than the window.
+        if 2 * h * w > union:
+            return Region(Grid(res, full.u[cols], full.v[rows]), (rows, cols), None, n)
+        r0, c0 = np.minimum(np.where(present, r0, 0), res - h), np.minimum(np.where(present, c0, 0), res - w)
+        rr, cc = r0[:, None] + np.arange(h), c0[:, None] + np.arange(w)
+        index = (np.arange(n)[:, None, None] * res + rr[:, :, None]) * res + cc[:, None, :]
+        return Region(Grid(res, full.u[cc], full.v[rr]), None, torch.from_numpy(index.reshape(-1)), n)
 
-    def crop(self, full: Tensor) -> Tensor:
-        """The window's part of a full-grid tensor ``[..., res, res]`` (a view)."""
-        return full[..., self.rows, self.cols]
+    def take(self, full: Tensor) -> Tensor:
+        """The region's part of a full-grid tensor ``[N, res, res]``: ``[N, h, w]``.
+
+        A view for a window (writes go through), a copy for crops (write back with `put`).
+        """
+        if self._window is not None:
+            return full[:, self._window[0], self._window[1]]
+        assert self._index is not None
+        return full.reshape(-1).index_select(0, self._index).view(self._n, *self.grid.shape)
+
+    def put(self, full: Tensor, values: Tensor) -> None:
+        """Write ``values [N, h, w]`` into the region of ``full`` (in place)."""
+        if self._window is not None:
+            part = full[:, self._window[0], self._window[1]]
+            if values.data_ptr() != part.data_ptr():  # a view of `full` was changed in place
+                part.copy_(values)
+        else:
+            full.view(-1).index_copy_(0, self._index, values.reshape(-1))
+
+    def minimum_into(self, full: Tensor, values: Tensor) -> None:
+        """``full = min(full, values)`` over the region (in place)."""
+        part = self.take(full)
+        torch.minimum(part, values, out=part)
+        if self._window is None:
+            self.put(full, part)
+
+
+def union_box(*boxes: np.ndarray) -> np.ndarray:
+    """Per-image union ``[N, 4]`` of boxes ``[N, 4]`` (x0, x1, y0, y1); NaN rows count as empty."""
+    stacked = np.stack(boxes)
+    with np.errstate(all="ignore"):
+        lo, hi = np.fmin.reduce(stacked, axis=0), np.fmax.reduce(stacked, axis=0)
+    return np.stack([lo[:, 0], hi[:, 1], lo[:, 2], hi[:, 3]], -1)
 
 
 def points_box(points: np.ndarray) -> np.ndarray:
@@ -124,7 +190,7 @@ class Linear:
 
     def at_depth(self, grid: Grid, t: Tensor | None = None) -> Tensor:
         """Evaluate on the grid, at depth ``t`` ``[N, H, W]`` (or where ``at = 0``): ``[N, H, W]``."""
-        out = (per_image(self.au) * grid.u + per_image(self.a0)) + per_image(self.av) * grid.v
+        out = grid.affine(self.au, self.av, self.a0)
         if t is not None:
             out += per_image(self.at) * t
         return out
@@ -202,15 +268,15 @@ def ellipsoid_depth(grid: Grid, e: Ellipsoid, back: bool = False) -> tuple[Tenso
     q = e.quadric()
     qxx, qyy, qzz = q[:, 0, 0], q[:, 1, 1], q[:, 2, 2]
     qxy, qxz, qyz = q[:, 0, 1], q[:, 0, 2], q[:, 1, 2]
-    inv2 = 1.0 / qzz**2
-    du = grid.u - per_image(e.centre[:, 0])  # [N, 1, W]
-    dv = grid.v - per_image(e.centre[:, 1])  # [N, H, 1]
-    root = (per_image(2.0 * (qxz * qyz - qzz * qxy) * inv2) * du) * dv
-    root += per_image((qxz**2 - qzz * qxx) * inv2) * du * du + per_image(1.0 / qzz)
-    root += per_image((qyz**2 - qzz * qyy) * inv2) * dv * dv
+    inv2 = (1.0 / qzz**2)[:, None]
+    du = np.atleast_2d(grid.u) - e.centre[:, 0:1]  # [N, W]
+    dv = np.atleast_2d(grid.v) - e.centre[:, 1:2]  # [N, H]
+    root = grid.row(2.0 * (qxz * qyz - qzz * qxy)[:, None] * inv2 * du) * grid.col(dv)
+    root += grid.row((qxz**2 - qzz * qxx)[:, None] * inv2 * du * du + (1.0 / qzz)[:, None])
+    root += grid.col((qyz**2 - qzz * qyy)[:, None] * inv2 * dv * dv)
     miss = penalty(root)
     root.clamp_(min=1e-20).sqrt_()  # not 0: sqrt(0) takes the CPU's slow path, ~5x slower
-    middle = (per_image(e.centre[:, 2]) - per_image(qxz / qzz) * du) - per_image(qyz / qzz) * dv
+    middle = grid.row(e.centre[:, 2:3] - (qxz / qzz)[:, None] * du) + grid.col(-(qyz / qzz)[:, None] * dv)
     front = _disable(torch.maximum(middle - root, miss), e.enabled)
     if not back:
         return front, None
@@ -224,22 +290,18 @@ ClipFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 def clipped_ellipsoid_depth(grid: Grid, e: Ellipsoid, unit_coords: tuple[Linear, Linear, Linear],
                             keep: ClipFn) -> Tensor:
-    """First hit of an ellipsoid shell of which only the part where ``keep > 0`` exists.
+    """First hit of an ellipsoid of which only the part of the surface where ``keep > 0`` exists.
 
-    ``unit_coords`` map a camera point to the ellipsoid's unit-sphere coordinates. Where the
-    front hit is cut away the ray may still meet the inside of the far side (hair seen past
-    the face, the inside of a hat), so the back hit is tested too. ``[N, H, W]``.
+    ``unit_coords`` map a camera point to the ellipsoid's unit-sphere coordinates. Only the
+    front hit is tested: where it is cut away the ray passes on to whatever lies behind. (The
+    inside of the far side would be visible there too, but for hair and hats that is behind
+    the head; skipping it halves the cost.) ``[N, H, W]``.
     """
-    front, rear = ellipsoid_depth(grid, e, back=True)
-    assert rear is not None
+    front, _ = ellipsoid_depth(grid, e)
     if not e.enabled.any():
         return front
-
-    def clipped(t: Tensor) -> Tensor:
-        # Where t >= MISS the coordinates are meaningless, but the depth stays a miss anyway.
-        return torch.maximum(t, penalty(keep(*(c.at_depth(grid, t) for c in unit_coords))))
-
-    return torch.minimum(clipped(front), clipped(rear))
+    # Where front >= MISS the coordinates are meaningless, but the depth stays a miss anyway.
+    return torch.maximum(front, penalty(keep(*(c.at_depth(grid, front) for c in unit_coords))))
 
 
 class ZBuffer:
@@ -262,10 +324,9 @@ class ZBuffer:
         bits |= pid
         return bits
 
-    def add(self, depth: Tensor, pid: int, grid: Grid) -> None:
-        """Offer the depths ``[N, H, W]`` (positive; consumed) of primitive ``pid`` on ``grid``'s window."""
-        region = grid.crop(self._key)
-        torch.minimum(region, self._pack(depth, pid), out=region)
+    def add(self, depth: Tensor, pid: int, region: Region) -> None:
+        """Offer the depths ``[N, h, w]`` (positive; consumed) of primitive ``pid`` on ``region``."""
+        region.minimum_into(self._key, self._pack(depth, pid))
 
     def result(self) -> tuple[Tensor, Tensor]:
         """Depth ``[N, H, W]`` float32 (the background exactly `FAR_DEPTH`) and id int32."""
@@ -292,10 +353,12 @@ class TileSampler:
     def sample(self, grid: Grid, texels_per_frame: np.ndarray, offset: np.ndarray) -> Tensor:
         """``[N, H, W]`` texture values; ``texels_per_frame`` ``[N]``, ``offset`` ``[N, 2]`` in texels."""
         size = self.size
-        half = per_image(0.5 * texels_per_frame)
-        cols = torch.floor((grid.u + 1.0) * half + per_image(offset[:, 0])).int().remainder_(size)
-        rows = torch.floor((1.0 - grid.v) * half + per_image(offset[:, 1])).int().remainder_(size).mul_(size)
-        return self.flat.index_select(0, (rows + cols).view(-1)).view(-1, *grid.shape)
+        half = 0.5 * texels_per_frame[:, None]
+        cols = np.floor((grid.u + 1.0) * half + offset[:, 0:1]).astype(np.int64) % size
+        rows = np.floor((1.0 - grid.v) * half + offset[:, 1:2]).astype(np.int64) % size * size
+        index = torch.from_numpy(rows.astype(np.int32)).view(-1, len(grid.v), 1) \
+            + torch.from_numpy(cols.astype(np.int32)).view(-1, 1, len(grid.u))
+        return self.flat.index_select(0, index.view(-1)).view(-1, *grid.shape)
 
 
 def _quads(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

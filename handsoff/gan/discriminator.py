@@ -116,7 +116,7 @@ class FullyConnectedLayer(nn.Module):
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         w = self.weight.to(x.dtype) * self.weight_gain
         b = self.bias
         if b is not None:
@@ -125,7 +125,7 @@ class FullyConnectedLayer(nn.Module):
                 b = b * self.bias_gain
         if self.activation == "linear":
             return F.linear(x, w, b)
-        return stylegan_ops.bias_act(x.matmul(w.t()), b, act=self.activation)
+        return stylegan_ops.bias_act(x.matmul(w.t()), b, act=self.activation, impl=impl)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
@@ -161,7 +161,7 @@ class Conv2dLayer(nn.Module):
             torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format))
         self.bias = nn.Parameter(torch.zeros([out_channels])) if bias else None
 
-    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain: float = 1.0, impl: str = "auto") -> torch.Tensor:
         w = self.weight.to(x.dtype) * self.weight_gain
         if self.down == 1:
             x = F.conv2d(x, w, padding=self.padding)
@@ -172,15 +172,16 @@ class Conv2dLayer(nn.Module):
             p0 = self.padding + (fw - self.down + 1) // 2
             p1 = self.padding + (fw - self.down) // 2
             if self.kernel_size == 1:
-                x = stylegan_ops.upfirdn2d(x, self.resample_filter, down=self.down, padding=[p0, p1, p0, p1])
+                x = stylegan_ops.upfirdn2d(x, self.resample_filter, down=self.down, padding=[p0, p1, p0, p1],
+                                           impl=impl)
                 x = F.conv2d(x, w)
             else:
-                x = stylegan_ops.upfirdn2d(x, self.resample_filter, padding=[p0, p1, p0, p1])
+                x = stylegan_ops.upfirdn2d(x, self.resample_filter, padding=[p0, p1, p0, p1], impl=impl)
                 x = F.conv2d(x, w, stride=self.down)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         act_gain = self.act_gain * gain
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return stylegan_ops.bias_act(x, b, act=self.activation, gain=act_gain, clamp=act_clamp)
+        return stylegan_ops.bias_act(x, b, act=self.activation, gain=act_gain, clamp=act_clamp, impl=impl)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
@@ -211,19 +212,19 @@ class DiscriminatorBlock(nn.Module):
                                 resample_filter=resample_filter, channels_last=self.channels_last)
 
     def forward(self, x: Optional[torch.Tensor], img: Optional[torch.Tensor],
-                force_fp32: bool = False) -> torch.Tensor:
+                force_fp32: bool = False, impl: str = "auto") -> torch.Tensor:
         ref = x if x is not None else img
         fp16 = self.use_fp16 and not force_fp32 and fp16_allowed(ref.device)
         # float32 unless float16 applies; float64 inputs stay float64 (for numerical checks)
         dtype = torch.float16 if fp16 else torch.promote_types(ref.dtype, torch.float32)
         memory_format = torch.channels_last if (fp16 and self.channels_last) else torch.contiguous_format
         if self.in_channels == 0:
-            x = self.fromrgb(img.to(dtype=dtype, memory_format=memory_format))
+            x = self.fromrgb(img.to(dtype=dtype, memory_format=memory_format), impl=impl)
         else:
             x = x.to(dtype=dtype, memory_format=memory_format)
-        y = self.skip(x, gain=math.sqrt(0.5))
-        x = self.conv0(x)
-        x = self.conv1(x, gain=math.sqrt(0.5))
+        y = self.skip(x, gain=math.sqrt(0.5), impl=impl)
+        x = self.conv0(x, impl=impl)
+        x = self.conv1(x, gain=math.sqrt(0.5), impl=impl)
         return y.add_(x)
 
 
@@ -269,13 +270,13 @@ class DiscriminatorEpilogue(nn.Module):
         self.fc = FullyConnectedLayer(in_channels * resolution ** 2, in_channels, activation="lrelu")
         self.out = FullyConnectedLayer(in_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         x = x.to(dtype=torch.promote_types(x.dtype, torch.float32), memory_format=torch.contiguous_format)
         if self.mbstd is not None:
             x = self.mbstd(x)
-        x = self.conv(x)
-        x = self.fc(x.flatten(1))
-        return self.out(x)
+        x = self.conv(x, impl=impl)
+        x = self.fc(x.flatten(1), impl=impl)
+        return self.out(x, impl=impl)
 
 
 class Discriminator(nn.Module):
@@ -298,14 +299,16 @@ class Discriminator(nn.Module):
                                         mbstd_num_channels=config.mbstd_num_channels, conv_clamp=config.conv_clamp)
 
     def forward(self, img: torch.Tensor, c: Optional[torch.Tensor] = None, force_fp32: bool = False,
-                **_unused: Any) -> torch.Tensor:
+                impl: str = "auto", **_unused: Any) -> torch.Tensor:
+        """Logits ``[N, 1]``. ``c`` is accepted for NVlabs call compatibility and ignored
+        (unconditional); ``impl`` is passed to every `stylegan_ops` call ('ref' forces PyTorch)."""
         if img.ndim != 4 or img.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):
             raise ValueError(f"expected images [N, {self.img_channels}, {self.img_resolution}, "
                              f"{self.img_resolution}], got {tuple(img.shape)}")
         x = None
         for res in self.block_resolutions:
-            x = getattr(self, f"b{res}")(x, img if x is None else None, force_fp32=force_fp32)
-        return self.b4(x)
+            x = getattr(self, f"b{res}")(x, img if x is None else None, force_fp32=force_fp32, impl=impl)
+        return self.b4(x, impl=impl)
 
     def extra_repr(self) -> str:
         c = self.config

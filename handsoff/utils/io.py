@@ -10,6 +10,10 @@ from typing import Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+# Read once at import: os.umask can only be read by setting it, which races with other threads.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
@@ -25,6 +29,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates files 0600; give the result the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,9 +1,11 @@
 // Host-side argument checks and layout handling of bias_act, shared by the CPU and CUDA entry points.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 
 #include "bias_act_math.h"
+#include "host_common.h"
 
 namespace sgo {
 
@@ -25,14 +27,10 @@ inline at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
   return at::empty_like(like).copy_(t);
 }
 
-inline bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
 inline BiasActInputs prepare_bias_act(const at::Tensor& v, const at::Tensor& b, const at::Tensor& r,
                                       int64_t dim, int64_t act, int64_t mode, at::DeviceType device) {
   TORCH_CHECK(v.device().type() == device, "bias_act: x is on ", v.device(), ", this kernel runs on ", device);
-  TORCH_CHECK(is_supported_dtype(v.scalar_type()), "bias_act: unsupported dtype ", v.scalar_type());
+  TORCH_CHECK(is_kernel_dtype(v.scalar_type()), "bias_act: unsupported dtype ", v.scalar_type());
   TORCH_CHECK(dim >= 0 && dim < std::max<int64_t>(v.dim(), 1), "bias_act: dim ", dim, " out of range for ", v.dim(), "-D x");
   TORCH_CHECK(act >= 0 && act < kNumActs, "bias_act: unknown activation code ", act);
   TORCH_CHECK(mode >= 0 && mode < kNumModes, "bias_act: unknown mode ", mode);

@@ -1,8 +1,7 @@
 // Fused bias + activation + gain + clamp on the CPU: one pass over memory where the reference
 // path makes three to five (add, activation, multiply, clamp), each allocating a temporary.
-#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include "bias_act_common.h"
 
@@ -15,30 +14,30 @@ constexpr int64_t kGrainElements = 32768;
 // One contiguous run of `n` elements. With kBiasPerElement the bias varies along the run (bias dim
 // is the fastest-varying one); otherwise the whole run shares `bias`. Both forms keep the inner loop
 // free of index arithmetic so the compiler can vectorise it.
-template <int A, int M, bool kBiasPerElement, typename scalar_t, typename acc_t>
+template <int A, int M, bool kBiasPerElement, typename scalar_t, typename acc>
 inline void run_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ v, const scalar_t* __restrict__ r,
-                    const scalar_t* __restrict__ b_row, acc_t bias, int64_t n, const Params<acc_t> p) {
+                    const scalar_t* __restrict__ b_row, acc bias, int64_t n, const Params<acc> p) {
   // p by value and restrict-qualified pointers: otherwise the compiler must assume that writing
   // out[j] may change p or the inputs, reloads them every element and gives up vectorising.
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t bj = kBiasPerElement ? static_cast<acc_t>(b_row[j]) : bias;
-    const acc_t rj = (M == kForward) ? acc_t(0) : static_cast<acc_t>(r[j]);
-    out[j] = static_cast<scalar_t>(bias_act_element<A, M>(static_cast<acc_t>(v[j]), rj, bj, p));
+    const acc bj = kBiasPerElement ? static_cast<acc>(b_row[j]) : bias;
+    const acc rj = (M == kForward) ? acc(0) : static_cast<acc>(r[j]);
+    out[j] = static_cast<scalar_t>(bias_act_element<A, M>(static_cast<acc>(v[j]), rj, bj, p));
   }
 }
 
 template <int A, int M, typename scalar_t>
-void run(at::Tensor& out, const BiasActInputs& in, const Params<at::opmath_type<scalar_t>>& p) {
-  using acc_t = at::opmath_type<scalar_t>;
+void run(at::Tensor& out, const BiasActInputs& in, const Params<acc_t<scalar_t>>& p) {
+  using acc = acc_t<scalar_t>;
   scalar_t* o = out.data_ptr<scalar_t>();
   const scalar_t* v = in.v.data_ptr<scalar_t>();
   const scalar_t* r = in.r.defined() ? in.r.data_ptr<scalar_t>() : nullptr;
   const scalar_t* b = in.b.defined() ? in.b.data_ptr<scalar_t>() : nullptr;
   const int64_t numel = in.v.numel();
   if (b == nullptr || in.channels == 1) {  // one bias (or none) for everything: split evenly
-    const acc_t bias = b ? static_cast<acc_t>(b[0]) : acc_t(0);
+    const acc bias = b ? static_cast<acc>(b[0]) : acc(0);
     at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
-      run_row<A, M, false, scalar_t, acc_t>(o + begin, v + begin, r ? r + begin : nullptr, nullptr, bias, end - begin, p);
+      run_row<A, M, false, scalar_t, acc>(o + begin, v + begin, r ? r + begin : nullptr, nullptr, bias, end - begin, p);
     });
     return;
   }
@@ -53,14 +52,16 @@ void run(at::Tensor& out, const BiasActInputs& in, const Params<at::opmath_type<
       const int64_t off = row * row_len;
       const scalar_t* r_row = r ? r + off : nullptr;
       if (per_element) {
-        run_row<A, M, true>(o + off, v + off, r_row, b, acc_t(0), row_len, p);
+        run_row<A, M, true>(o + off, v + off, r_row, b, acc(0), row_len, p);
       } else {
-        const acc_t bias = static_cast<acc_t>(b[row % in.channels]);
-        run_row<A, M, false, scalar_t, acc_t>(o + off, v + off, r_row, nullptr, bias, row_len, p);
+        const acc bias = static_cast<acc>(b[row % in.channels]);
+        run_row<A, M, false, scalar_t, acc>(o + off, v + off, r_row, nullptr, bias, row_len, p);
       }
     }
   });
 }
+
+}  // namespace
 
 // v: x (mode 0) or the incoming gradient; b: bias [v.size(dim)] or empty; r: the saved x or y
 // (modes 1-4) or empty. Returns a tensor shaped and strided like v (see bias_act_math.h for modes).
@@ -70,8 +71,8 @@ at::Tensor bias_act_cpu(const at::Tensor& v, const at::Tensor& b, const at::Tens
   at::Tensor out = at::empty_like(in.v);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v.scalar_type(), "bias_act_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Params<acc_t> p{static_cast<acc_t>(alpha), static_cast<acc_t>(gain), static_cast<acc_t>(clamp)};
+    using acc = acc_t<scalar_t>;
+    const Params<acc> p{static_cast<acc>(alpha), static_cast<acc>(gain), static_cast<acc>(clamp)};
     with_act(static_cast<int>(act), [&](auto a_tag) {
       with_mode(static_cast<int>(mode), [&](auto m_tag) {
         run<decltype(a_tag)::value, decltype(m_tag)::value, scalar_t>(out, in, p);
@@ -81,11 +82,4 @@ at::Tensor bias_act_cpu(const at::Tensor& v, const at::Tensor& b, const at::Tens
   return out;
 }
 
-}  // namespace
 }  // namespace sgo
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bias_act", &sgo::bias_act_cpu, "Fused bias + activation + gain + clamp and its derivatives (CPU)",
-        pybind11::arg("v"), pybind11::arg("b"), pybind11::arg("r"), pybind11::arg("dim"), pybind11::arg("act"),
-        pybind11::arg("mode"), pybind11::arg("alpha"), pybind11::arg("gain"), pybind11::arg("clamp"));
-}

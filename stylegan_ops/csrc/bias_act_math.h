@@ -10,11 +10,7 @@
 
 #include <math.h>
 
-#ifdef __CUDACC__
-#define SGO_HD __host__ __device__ __forceinline__
-#else
-#define SGO_HD inline
-#endif
+#include "sgo_common.h"
 
 namespace sgo {
 
@@ -87,7 +83,7 @@ SGO_HD T act_d1_z(T z, T alpha) {
 
 // d2a/dz2 as a function of z.
 template <int A, typename T>
-SGO_HD T act_d2_z(T z, T alpha) {
+SGO_HD T act_d2_z(T z, T /*alpha: lrelu is piecewise linear*/) {
   switch (A) {
     case kTanh: { const T t = sgo_tanh(z); return T(-2) * t * (T(1) - t * t); }
     case kSigmoid: { const T s = sgo_sigmoid(z); return s * (T(1) - s) * (T(1) - T(2) * s); }
@@ -117,7 +113,7 @@ SGO_HD T act_d1_a(T a, T alpha) {
 
 // d/da of act_d1_a.
 template <int A, typename T>
-SGO_HD T act_d2_a(T a, T alpha) {
+SGO_HD T act_d2_a(T a, T /*alpha*/) {
   switch (A) {
     case kTanh: return T(-2) * a;
     case kSigmoid: return T(1) - T(2) * a;
@@ -156,6 +152,32 @@ SGO_HD T bias_act_element(T v, T r, T bias, const Params<T>& p) {
   if (M == kGradY) return v * act_d1_a<A>(a, p.alpha) * p.gain;
   return v * act_d2_a<A>(a, p.alpha);  // d/dy [gain * d1(y / gain)] = d2(a)
 }
+
+// The bias channel (i / inner) % channels of the indices i = start, start + stride, ... of a
+// grid-stride loop, kept up to date by additions: a 64-bit division per element would cost more
+// than the rest of the element's work.
+struct ChannelWalker {
+  int64_t inner, channels;
+  int64_t rem;      // i % inner
+  int64_t channel;  // (i / inner) % channels
+  int64_t step_rem, step_channel;  // the same for stride
+
+  SGO_HD ChannelWalker(int64_t start, int64_t stride, int64_t inner_, int64_t channels_)
+      : inner(inner_), channels(channels_), rem(start % inner_), channel((start / inner_) % channels_),
+        step_rem(stride % inner_), step_channel((stride / inner_) % channels_) {}
+
+  // i += stride. rem + step_rem < 2 * inner carries at most once into the quotient, and
+  // channel + step_channel + carry < 2 * channels wraps at most once.
+  SGO_HD void advance() {
+    rem += step_rem;
+    channel += step_channel;
+    if (rem >= inner) {
+      rem -= inner;
+      ++channel;
+    }
+    if (channel >= channels) channel -= channels;
+  }
+};
 
 // Calls f(std::integral_constant-like tag) with the activation / mode as a compile-time constant,
 // so that loops can be instantiated per activation and mode without a branch per element.

@@ -5,6 +5,7 @@
 
 #include "bias_act_common.h"
 #include "cuda_launch.h"
+#include "upfirdn2d_common.h"
 
 namespace sgo {
 namespace {
@@ -30,43 +31,17 @@ at::Tensor bias_act_cuda(const at::Tensor& v, const at::Tensor& b, const at::Ten
   return out;
 }
 
-// x: [N, C, H, W]; f: [fh, fw], or [k] for a separable filter (converted to float32, or float64
-// for float64 x). Returns [N, C, (H*up_y + pad_y0 + pad_y1 - fh) / down_y + 1,
-// (W*up_x + pad_x0 + pad_x1 - fw) / down_x + 1], contiguous, scaled by gain (the whole 2-D gain).
+// Same contract as upfirdn2d_cpu (upfirdn2d_cpu.cpp), for CUDA tensors.
 at::Tensor upfirdn2d_cuda(const at::Tensor& x, const at::Tensor& f, int64_t up_x, int64_t up_y, int64_t down_x,
                           int64_t down_y, int64_t pad_x0, int64_t pad_x1, int64_t pad_y0, int64_t pad_y1,
                           bool flip_filter, double gain) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "upfirdn2d: x must be a 4-D CUDA tensor");
-  TORCH_CHECK(is_supported_dtype(x.scalar_type()), "upfirdn2d: unsupported dtype ", x.scalar_type());
-  TORCH_CHECK((f.dim() == 1 || f.dim() == 2) && f.numel() > 0, "upfirdn2d: f must be 1-D or 2-D and non-empty");
-  TORCH_CHECK(up_x >= 1 && up_y >= 1 && down_x >= 1 && down_y >= 1, "upfirdn2d: up and down must be >= 1");
+  TORCH_CHECK(x.is_cuda(), "upfirdn2d: x must be a CUDA tensor");
+  UpfirdnShape s = make_upfirdn2d_shape(x, f, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1, flip_filter);
   const c10::DeviceGuard guard(x.device());
-  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xc = x.contiguous();
-  const at::Tensor fc = f.to(x.device(), acc_type).contiguous();
-
-  UpfirdnShape s{};
-  s.fh = static_cast<int>(f.size(0));
-  s.fw = static_cast<int>(f.size(f.dim() - 1));
-  const int64_t span_h = x.size(2) * up_y + pad_y0 + pad_y1 - s.fh;
-  const int64_t span_w = x.size(3) * up_x + pad_x0 + pad_x1 - s.fw;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, "upfirdn2d: the padded input is smaller than the filter");
-  s.in_h = static_cast<int>(x.size(2));
-  s.in_w = static_cast<int>(x.size(3));
-  s.out_h = static_cast<int>(span_h / down_y + 1);
-  s.out_w = static_cast<int>(span_w / down_x + 1);
-  s.up_x = static_cast<int>(up_x);
-  s.up_y = static_cast<int>(up_y);
-  s.down_x = static_cast<int>(down_x);
-  s.down_y = static_cast<int>(down_y);
-  s.pad_x0 = static_cast<int>(pad_x0);
-  s.pad_y0 = static_cast<int>(pad_y0);
-  s.separable = f.dim() == 1;
-  s.flip_filter = flip_filter;
-  s.planes = x.size(0) * x.size(1);
-  TORCH_CHECK(choose_upfirdn2d_tile(s, at::elementSize(acc_type)), "upfirdn2d: the ", s.fh, "x", s.fw,
-              " filter does not fit in shared memory");
-
+  const at::Tensor fc = kernel_filter(x, f);
+  TORCH_CHECK(choose_upfirdn2d_tile(s, fc.element_size(), kCudaMaxBufferBytes, kCudaMaxTile), "upfirdn2d: the ", s.fh,
+              "x", s.fw, " filter does not fit in shared memory");
   at::Tensor y = at::empty({x.size(0), x.size(1), s.out_h, s.out_w}, xc.options());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cuda", [&] {

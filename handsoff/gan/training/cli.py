@@ -14,13 +14,17 @@ from .config import TrainConfig
 __all__ = ["add_train_gan_args", "train_gan_from_args", "config_from_args", "parse_duration",
            "TRAIN_GAN_DESCRIPTION", "TRAIN_GAN_EPILOG"]
 
-TRAIN_GAN_DESCRIPTION = (
-    "Train a StyleGAN2 generator (residual discriminator, non-saturating loss, lazy R1, EMA generator) on a "
-    "folder of images or on a built-in domain. Writes RUN_DIR/config.json, snapshot-KKKKKK.pt (full training "
-    "state), G_ema-latest.safetensors (the generator the other commands use), samples-KKKKKK.png, log.jsonl "
-    "and a quality figure per snapshot (FID when Inception weights are on disk, else FD-<domain>-seg). "
-    "Rerunning the same command into the same --out continues from the last snapshot exactly as an "
-    "uninterrupted run would. Several GPUs: torchrun --nproc_per_node=K -m handsoff train-gan ...")
+TRAIN_GAN_DESCRIPTION = """\
+Train a StyleGAN2 generator (residual discriminator, non-saturating loss, lazy R1,
+EMA generator) on a folder of images or on a built-in domain (only its images).
+
+RUN_DIR gets config.json, snapshot-KKKKKK.pt (full training state), G_ema-latest.safetensors
+(the generator the other commands use), G_ema-best.safetensors, samples-KKKKKK.png,
+log.jsonl and a quality figure per snapshot: FID when Inception weights are already on
+disk, else FD-<domain>-seg (Frechet distance in a small segmentation CNN's features).
+Rerunning the same command into the same --out continues from the last snapshot exactly
+as an uninterrupted run would. Several GPUs: torchrun --nproc_per_node=K -m handsoff.gan.train ...
+"""
 
 TRAIN_GAN_EPILOG = """examples:
   # built-in domain, 64x64, small network, stops after 8 minutes; rerun to continue

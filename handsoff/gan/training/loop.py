@@ -255,7 +255,8 @@ class GANTrainer:
     Most users call `train_gan`; the class is public so tests and tools can step it.
     """
 
-    def __init__(self, cfg: TrainConfig, images: np.ndarray, device: torch.device, dist_info: _Dist = _Dist()):
+    def __init__(self, cfg: TrainConfig, images: np.ndarray, device: torch.device, dist_info: Optional[_Dist] = None):
+        dist_info = dist_info if dist_info is not None else _Dist()
         self.cfg = cfg.resolved()
         self.device = device
         self.dist = dist_info
@@ -585,7 +586,8 @@ def train_gan(config: TrainConfig, run_dir: Union[str, Path], data: Any, resume:
               device: str = "auto", time_limit: Optional[float] = None, stop_at_kimg: Optional[float] = None,
               max_steps: Optional[int] = None, progress: bool = True, seg_feature_steps: int = 300,
               seg_feature_images: int = 1024, log_fn: Optional[Callable[[str], None]] = None) -> Path:
-    """Train a StyleGAN2 (G, D, G_ema) on ``data`` and return the path of ``G_ema-latest.safetensors``.
+    """Train a StyleGAN2 (G, D, G_ema) on ``data``; returns the path of ``G_ema-latest.safetensors``
+    (written at every snapshot; absent only if the time limit ran out before the first one).
 
     Args:
         config: Hyper-parameters (see `TrainConfig`).
@@ -763,7 +765,7 @@ def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: _D
         log.event(**rec)
 
     stop = _StopFlag()
-    reason = "done"
+    reason = "done" if trainer.cur_nimg >= total_nimg else "stop_at"
     tick = {"nimg": trainer.cur_nimg, "time": time.time()}
 
     def log_tick(now: float) -> None:
@@ -816,10 +818,12 @@ def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: _D
                 elif cur >= stop_nimg or want_stop:
                     write_snapshot("stop_at" if cur >= stop_nimg else (stop.requested or "time_limit"),
                                    evaluate=False)
-                if want_stop and not done:
+                if done:
+                    reason = "done"
+                elif want_stop:
                     reason = stop.requested or "time_limit"
                     break
-                if cur >= stop_nimg and not done:
+                elif cur >= stop_nimg:
                     reason = "stop_at"
             log_tick(time.time())
         finally:
@@ -835,7 +839,8 @@ def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: _D
                   wall_seconds=round(time.time() - t_start, 1))
         say(f"{'finished' if done else 'stopped'} at {trainer.cur_nimg / 1000:.1f} kimg "
             f"(step {trainer.step}, {reason}); "
-            + ("" if done else f"rerun the same command to continue to {cfg.total_kimg:g} kimg; ")
+            + ("" if done else "rerun without --stop-at-kimg (or with a larger value) to continue; "
+               if reason == "stop_at" else f"rerun the same command to continue to {cfg.total_kimg:g} kimg; ")
             + f"generator: {run_dir / 'G_ema-latest.safetensors'}")
     return run_dir / "G_ema-latest.safetensors"
 

@@ -189,14 +189,14 @@ class InceptionFeatureExtractor(FeatureExtractor):
             self.description = (f"Inception-v3 pool3, torchvision ImageNet weights ({weights.name}); "
                                 "close to but not equal to the TF FID network")
         self.net = net.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     @torch.no_grad()
     def forward(self, images_u8: torch.Tensor) -> torch.Tensor:
-        x = images_u8.to(self.mean.device, torch.float32) / 255.0
+        # Both weight sets come from Google's Inception-v3, which takes inputs in [-1, 1]
+        # (torchvision's transform_input maps ImageNet-normalised inputs to exactly that).
+        x = images_u8.to(self.device(), torch.float32) / 255.0
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = x * 2 - 1 if self.kind == "fid" else (x - self.mean) / self.std
+        x = x * 2 - 1
         n = self.net
         for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
                       n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
