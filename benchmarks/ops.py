@@ -20,6 +20,7 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -155,6 +156,10 @@ def _print_row(c: Case) -> None:
     print(f"{c.op:17} {shape:18} {c.dtype:8} {c.passes:17} {c.ref_ms:10.3f} {comp} {ratio}  {c.impl}", flush=True)
 
 
+def _load_average() -> Optional[float]:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -187,9 +192,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"device: {_device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"impls {stylegan_ops.available_impls(device)} | repeats {repeats}")
     print(f"{'op':17} {'shape':18} {'dtype':8} {'passes':17} {'ref ms':>10} {'kernel ms':>10} {'ratio':>8}  impl")
+    load_start = _load_average()
     cases = bench_ops(device, dtypes, warmup, repeats)
     report = {
         "device": _device_name(device),
+        # Other work on the machine skews the timings; the load averages say how much there was.
+        "load_average_1m": {"start": load_start, "end": _load_average()},
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -11,15 +11,15 @@ Every op takes ``impl``:
 * ``'cuda'``: the CUDA kernels (tensors on a GPU); raises if they cannot be built.
 * ``'cpu'``: the C++ CPU kernels (tensors on the CPU); raises if they cannot be built.
 * ``'auto'`` (default): on CUDA the CUDA kernels; on the CPU the C++ kernel where
-  benchmarks/ops.py measured it faster than the reference (bias_act with relu, lrelu or swish),
-  else the reference. A failed build warns once, is not retried in the process, and
-  leaves 'auto' on the reference.
+  benchmarks/ops.py measured it faster than the reference (bias_act with relu or lrelu), else
+  the reference. A failed build warns once, is not retried in the process, and leaves 'auto'
+  on the reference.
 
 Calls a kernel does not cover (other dtypes; upfirdn2d with filters over 32 taps per axis or a
-filter that needs a gradient) run on the reference path whatever ``impl`` says. The CPU
-upfirdn2d kernel runs the CUDA kernel's tile code, which is how the tests check that code on
-machines without a GPU. First and second
-derivatives are supported on every impl (R1 regularisation needs the second).
+filter that needs a gradient) run on the reference path whatever ``impl`` says. First and second
+derivatives are supported on every impl (R1 regularisation needs the second). The CPU upfirdn2d
+kernel runs the CUDA kernel's tile code, which is how the tests check that code on machines
+without a GPU.
 
 Kernels compile with ninja on first use, never at import (see :mod:`stylegan_ops._build`);
 :func:`build` compiles one explicitly and :func:`available_impls` says what runs where.

@@ -6,7 +6,6 @@ import sys
 import textwrap
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 

@@ -12,9 +12,10 @@ How a batch is made (all vectorised over the batch, torch on the CPU):
 
 1. Ray casting at twice the output size under an orthographic camera (`raster`): the depth
    of every primitive is computed analytically, the first hit wins (z-buffer).
-2. Decals replace the material of skin samples; materials and geometry are gathered per
-   sample from small per-image tables (deferred shading: Lambert with wrap-around +
-   Blinn-Phong specular, textures as multiplicative detail).
+2. Decals replace the material of skin samples; materials are gathered per sample from
+   small per-image tables and shaded once per sample (deferred shading: normals from the
+   depth map's slopes, Lambert with wrap-around + Blinn-Phong specular, textures as
+   multiplicative detail).
 3. Antialiasing: the shaded foreground and its coverage are averaged over each 2x2 block
    (area downsampling) and composited over the background, which is drawn at the output
    size with one-pixel soft edges.
@@ -26,10 +27,16 @@ How a batch is made (all vectorised over the batch, torch on the CPU):
    inside the frame and the supersample that holds it sees the keypoint's own part at the
    keypoint's depth (within 10% of the head radius), see `_keypoints`.
 
-Determinism: image ``i`` of seed ``s`` depends only on ``(s, i, size)``. Images are rendered
-in fixed blocks of `block_size` consecutive indices, whatever range was asked for, and the
-per-sample arithmetic avoids operations whose result depends on vectorisation, so a range
-gives the same bytes however it is split into calls (and with any thread count).
+Determinism: image ``i`` of seed ``s`` depends only on ``(s, i, size)`` (on one software
+stack). Images are rendered in fixed blocks of `block_size` consecutive indices, whatever
+range was asked for, and the per-sample arithmetic avoids operations whose result depends on
+vectorisation, so a range gives the same bytes however it is split into calls (and with any
+thread count or block size, which the tests check).
+
+Speed: the work is a few hundred elementwise tensor operations per block, most of them on
+small per-part regions (`raster.Region`). On a CPU one torch thread per process is the
+efficient setting (`parallel.render_chunks` runs one process per core); see
+``benchmarks/domain.py`` for measured throughput.
 """
 from __future__ import annotations
 
