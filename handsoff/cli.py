@@ -113,6 +113,8 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
                    help=f"built-in domain (default: {DEFAULT_DOMAIN})")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.add_argument("--workers", type=int, default=1,
+                   help="rendering processes, one torch thread each (default: 1; use one per core for big sets)")
     p.set_defaults(run=_run_render)
 
 
@@ -120,7 +122,8 @@ def _run_render(args: argparse.Namespace) -> None:
     from handsoff.data.labeled_set import render_to_folder
     from handsoff.domains import get_domain
 
-    out = render_to_folder(get_domain(args.domain), args.n, args.seed, args.size, args.out, overwrite=args.overwrite)
+    out = render_to_folder(get_domain(args.domain), args.n, args.seed, args.size, args.out,
+                           overwrite=args.overwrite, workers=args.workers)
     print(f"wrote {args.n} labeled images to {out}")
 
 

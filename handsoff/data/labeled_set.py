@@ -163,7 +163,7 @@ def write_labeled_set(batches: LabeledBatch | Iterable[LabeledBatch], out_dir: P
     if out.exists() and not out.is_dir():
         raise _fail(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise _fail(out, "exists and is not empty (pass overwrite=True to replace it)")
+        raise _fail(out, "exists and is not empty (replace it with --overwrite, or overwrite=True in Python)")
     classes, keypoint_names = meta.get("classes"), meta.get("keypoint_names")
     if not isinstance(classes, (list, tuple)) or not 0 < len(classes) <= IGNORE_INDEX:
         raise _fail(out, f"meta needs 'classes', a list of 1 to {IGNORE_INDEX} class names")
