@@ -32,27 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import device_name, load_average  # noqa: E402
 from handsoff.domains import Domain, get_domain  # noqa: E402
 from handsoff.domains.parallel import RenderPool, chunk_jobs  # noqa: E402
 
 TARGET_64 = 500.0  # labeled images per second at 64x64 on a 2-core CPU
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def timed(run: Callable[[], int], repeats: int) -> tuple[float, float]:
@@ -137,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     per_core64 = results.get("64", {}).get("threads=1", {}).get("per_cpu_second")
     record = {
         "benchmark": "heads domain: labeled images (image, seg, depth, keypoints) per second",
-        "device": f"cpu: {cpu_name()}, {os.cpu_count()} cores",
+        "device": f"cpu: {device_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),

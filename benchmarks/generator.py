@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import device_name  # noqa: E402
 from handsoff.gan.config import GeneratorConfig  # noqa: E402
 from handsoff.gan.networks import Generator  # noqa: E402
 from stylegan_ops import available_impls  # noqa: E402
@@ -76,8 +76,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    result = {"benchmark": "generator_forward", "device": name, "torch": torch.__version__,
+    result = {"benchmark": "generator_forward", "device": device_name(device), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "channel_base": args.channel_base,
               "channel_max": args.channel_max, "fp16_top_resolutions": 4 if device.type == "cuda" else 0,
               "results": rows}

@@ -8,20 +8,14 @@ benchmarks/results/ops-<device>.json.
 
     python benchmarks/ops.py                       # all cases, on cuda if available
     python benchmarks/ops.py --device cpu --repeats 5
-    python benchmarks/ops.py --generator MODULE:FACTORY   # also time a whole generator forward
 
-The generator hook: FACTORY(device: torch.device, impl: str) -> Callable[[], object] returns a
-closure that runs one generator forward pass with the given impl of stylegan_ops ('ref' or the
-compiled one); it is timed like the ops. (The generator itself lives in handsoff.gan.)
+A whole generator forward, compiled against reference: benchmarks/generator.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import stylegan_ops  # noqa: E402
+from _machine import device_name, load_average  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIAS_ACT_SHAPES = [(8, 512, 32, 32), (8, 128, 256, 256)]
@@ -140,15 +135,6 @@ def bench_ops(device: torch.device, dtypes: List[torch.dtype], warmup: int, repe
     return cases
 
 
-def bench_generator(spec: str, device: torch.device, warmup: int, repeats: int) -> Dict[str, float]:
-    """Time FACTORY(device, impl)() for 'ref' and the device's compiled impl (see module doc)."""
-    module_name, _, attr = spec.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    impls = ["ref"] + [i for i in stylegan_ops.available_impls(device) if i != "ref"]
-    with torch.no_grad():
-        return _time_interleaved({i: factory(device, i) for i in impls}, device, warmup, repeats)
-
-
 def _print_row(c: Case) -> None:
     comp = f"{c.compiled_ms:10.3f}" if c.compiled_ms is not None else f"{'-':>10}"
     ratio = f"{c.ratio:7.2f}x" if c.ratio is not None else f"{'-':>8}"
@@ -156,20 +142,9 @@ def _print_row(c: Case) -> None:
     print(f"{c.op:17} {shape:18} {c.dtype:8} {c.passes:17} {c.ref_ms:10.3f} {comp} {ratio}  {c.impl}", flush=True)
 
 
-def _load_average() -> Optional[float]:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _load_1m() -> Optional[float]:
+    loads = load_average()
+    return loads[0] if loads else None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -179,7 +154,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per impl and case (default: 50 on cuda, 5 on cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 10 on cuda, 1 on cpu)")
     parser.add_argument("--dtypes", default=None, help="comma-separated (default: float32,float16 on cuda, float32 on cpu)")
-    parser.add_argument("--generator", default=None, metavar="MODULE:FACTORY", help="also time a generator forward (see above)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -189,15 +163,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32,float16" if on_gpu else "float32")).split(",")]
     out = args.out or RESULTS / f"ops-{device.type}.json"
 
-    print(f"device: {_device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+    print(f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"impls {stylegan_ops.available_impls(device)} | repeats {repeats}")
     print(f"{'op':17} {'shape':18} {'dtype':8} {'passes':17} {'ref ms':>10} {'kernel ms':>10} {'ratio':>8}  impl")
-    load_start = _load_average()
+    load_start = _load_1m()
     cases = bench_ops(device, dtypes, warmup, repeats)
     report = {
-        "device": _device_name(device),
+        "device": device_name(device),
         # Other work on the machine skews the timings; the load averages say how much there was.
-        "load_average_1m": {"start": load_start, "end": _load_average()},
+        "load_average_1m": {"start": load_start, "end": _load_1m()},
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -208,9 +182,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         "ratio": "ref_ms / compiled_ms; > 1 means the compiled kernel is faster",
         "cases": [asdict(c) for c in cases],
     }
-    if args.generator:
-        report["generator"] = {"spec": args.generator, "ms": bench_generator(args.generator, device, warmup, repeats)}
-        print("generator forward ms:", report["generator"]["ms"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

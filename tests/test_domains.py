@@ -12,14 +12,7 @@ from handsoff.domains.preview import label_grid
 SEED = 1234
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Render on one thread: the renderer's tensors are small, and on a busy 2-core machine
-    two OpenMP threads can be many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from handsoff.data import read_labeled_set, render_to_folder, write_labeled_set
@@ -18,12 +17,7 @@ from handsoff.errors import HandsoffError
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
