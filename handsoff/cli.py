@@ -6,6 +6,7 @@ the problem and exit with status 2; ``--debug`` shows the full traceback instead
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -149,6 +150,12 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+# Pipeline stages register their own subcommands: each module named here defines
+# ``register(sub)`` and imports nothing heavy at module level (``handsoff --help`` stays fast).
+STAGE_CLIS: tuple[str, ...] = (
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="handsoff",
@@ -159,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    for module in STAGE_CLIS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
