@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -168,8 +169,7 @@ def compile_extension(spec: ExtensionSpec, verbose: bool = False) -> ModuleType:
     Raises:
         BuildError: with a one-line cause and the path of the full log.
     """
-    from torch.utils import cpp_extension  # imported late: it probes compilers and CUDA on import
-
+    cpp_extension = _import_cpp_extension()
     _check_toolchain(spec, cpp_extension)
     cuda_flags = list(_NVCC_FLAGS) + _cuda_arch_flags() if spec.cuda else []
     ld_flags = list(_LD_FLAGS) + _cudart_link_flags(cpp_extension.CUDA_HOME) if spec.cuda else list(_LD_FLAGS)
@@ -203,14 +203,31 @@ def compile_extension(spec: ExtensionSpec, verbose: bool = False) -> ModuleType:
     return module
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's import-time notice that a CUDA toolkit but no CUDA runtime was found: that is
+    the normal state of a CPU machine that compile-checks the CUDA kernels."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+_CPP_EXTENSION_FILTER = _NoCudaRuntimeNotice()
+
+
+def _import_cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported late: it probes compilers and CUDA on import."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_CPP_EXTENSION_FILTER)  # idempotent
+    from torch.utils import cpp_extension
+
+    return cpp_extension
+
+
 def build_root() -> Path:
     """Where builds go: ``$TORCH_EXTENSIONS_DIR``, else torch's default extension cache."""
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
     if env:
         return Path(env)
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return Path(get_default_build_root())
+    return Path(_import_cpp_extension().get_default_build_root())
 
 
 def _check_toolchain(spec: ExtensionSpec, cpp_extension: ModuleType) -> None:
