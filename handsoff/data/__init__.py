@@ -1,5 +1,9 @@
-"""Labeled-set readers and writers (the folder format of DESIGN.md section 6)."""
+"""Labeled-set readers and writers (the folder format of DESIGN.md section 6) and the
+generated-corpus reader `ShardDataset` (imported lazily: it needs torch and h5py)."""
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from handsoff.data.labeled_set import (
                                        IGNORE_INDEX,
@@ -10,4 +14,14 @@ from handsoff.data.labeled_set import (
                                        write_labeled_set,
 )
 
-__all__ = ["IGNORE_INDEX", "IMAGE_SUFFIXES", "LabeledSet", "read_labeled_set", "render_to_folder", "write_labeled_set"]
+# Public name -> module, imported on first access.
+_LAZY = {"ShardDataset": "handsoff.data.shards"}
+
+__all__ = ["IGNORE_INDEX", "IMAGE_SUFFIXES", "LabeledSet", "read_labeled_set", "render_to_folder", "write_labeled_set",
+           "ShardDataset"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'handsoff.data' has no attribute {name!r}")

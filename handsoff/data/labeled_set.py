@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from handsoff.data.images import read_rgb_image
 from handsoff.domains.base import Domain, LabeledBatch
 from handsoff.errors import HandsoffError
 
@@ -263,10 +264,7 @@ def _list_images(folder: Path) -> dict[str, Path]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if pixels is None or pixels.size == 0:
-        raise _fail(path, "unreadable or empty image")
-    return np.ascontiguousarray(pixels[:, :, ::-1])
+    return read_rgb_image(path)
 
 
 def _label_files(folder: Path, names: list[str], suffix: str) -> list[Path]:

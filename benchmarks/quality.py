@@ -1,0 +1,638 @@
+"""Quality study: does a HandsOff corpus train better downstream models than the labeled images it came from?
+
+On the built-in 'heads' domain with the shipped generator and encoder, for each number of
+labeled images (16 and 50) and each of 3 random draws of them, it trains the same
+downstream model (`handsoff.bench`, one fixed schedule) on:
+
+* ``baseline``: the labeled images alone, augmented;
+* ``handsoff``: 10,000 generated images labeled by a labeler fit on those images
+  (render -> invert -> fit_labeler -> generate), unfiltered;
+* ``handsoff-filtered``: the same corpus without its 10% most uncertain samples;
+* ablations, each a corpus made like ``handsoff`` with one stage changed:
+  ``no-lpips`` (an encoder fitted here without the LPIPS fine-tune, ``--encoder-steps``
+  supervised steps), ``no-refine``
+  (encoder codes without per-image refinement), ``w-space`` (W instead of W+),
+  ``last-layers`` (labeler on the last two feature maps only);
+* ``oracle``: 10,000 real rendered labeled images (augmented), trained with one seed per draw;
+
+and scores every model on 1,000 held-out rendered test images (a seed no stage sees), for
+every task of the domain (seg, keypoints, depth). Within a draw every arm uses the same
+training seed, so arms are compared pair-wise on equal terms.
+
+The claim tested, per task: handsoff beats the baseline and closes at least half of the
+baseline-to-oracle gap, ``(handsoff - baseline) / (oracle - baseline) >= 0.5`` on the task's
+primary metric (mIoU, PCK@0.05, depth RMSE), at every number of labeled images. When it fails,
+the diagnostics say where: inversion LPIPS/PSNR of the labeled and of held-out real images,
+the labeler's accuracy on held-out real images (labeler applied to their inversions), and the
+generator's Fréchet distance against the floor of two real sets.
+
+Every intermediate artefact (rendered sets, encoders, latents, labelers, corpora, each
+training's result) is cached under ``--work``, named by a digest of the settings it depends
+on, so a rerun skips finished work and a changed setting redoes only what depends on it.
+
+    python benchmarks/quality.py                     # the full study (hours on a 2-core CPU)
+    python benchmarks/quality.py --quick             # under 15 minutes: 16 images, 1 draw, 1,000 generated
+    python benchmarks/quality.py --arms baseline oracle   # the arms that need no generator stage
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import device_name, load_average  # noqa: E402
+from handsoff.bench.data import filter_by_uncertainty  # noqa: E402
+from handsoff.bench.tasks import TASKS  # noqa: E402
+from handsoff.bench.train import DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, train_and_score  # noqa: E402
+from handsoff.data.folder_dataset import LabeledFolderDataset  # noqa: E402
+from handsoff.data.labeled_set import LabeledSet, read_labeled_set, render_to_folder  # noqa: E402
+from handsoff.defaults import CHECKPOINTS_DIR, DEFAULT_GENERATOR  # noqa: E402
+from handsoff.domains import get_domain  # noqa: E402
+from handsoff.errors import HandsoffError  # noqa: E402
+from handsoff.utils.io import atomic_path  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_ENCODER = CHECKPOINTS_DIR / "heads64" / "encoder.safetensors"
+DOMAIN = "heads"
+SIZE = 64
+
+#: Render seeds: the test set's is used by nothing else.
+SEEDS = {"test": 7001, "oracle": 7002, "heldout": 7003, "labeled": 7100, "generate": 1_000_000}
+
+GENERATED_ARMS = ("handsoff", "handsoff-filtered", "no-lpips", "no-refine", "w-space", "last-layers")
+ARMS = ("baseline", *GENERATED_ARMS, "oracle")
+HEADLINE_ARMS = ("handsoff-filtered", "handsoff")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How one corpus is made from the labeled images: which encoder, refinement, latent space, layers."""
+
+    encoder: str = "main"  # 'main' (shipped, LPIPS fine-tuned) or 'no-lpips'
+    refine: bool = True
+    w_only: bool = False
+    last_layers: bool = False
+
+
+PIPELINES = {
+    "main": Pipeline(),
+    "no-lpips": Pipeline(encoder="no-lpips"),
+    "no-refine": Pipeline(refine=False),
+    "w-space": Pipeline(w_only=True),
+    "last-layers": Pipeline(last_layers=True),
+}
+ARM_PIPELINE = {"handsoff": "main", "handsoff-filtered": "main", "no-lpips": "no-lpips", "no-refine": "no-refine",
+                "w-space": "w-space", "last-layers": "last-layers"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the study's numbers (recorded in the results file)."""
+
+    sizes: tuple[int, ...] = (16, 50)
+    draws: int = 3
+    arms: tuple[str, ...] = ARMS
+    tasks: tuple[str, ...] = ("seg", "keypoints", "depth")
+    n_generated: int = 10_000
+    test_n: int = 1000
+    oracle_n: int = 10_000
+    heldout_n: int = 100
+    steps: int = DEFAULT_STEPS
+    batch: int = DEFAULT_BATCH
+    lr: float = DEFAULT_LR
+    width: int = DEFAULT_BASE
+    filter_quantile: float = 0.9
+    refine_steps: int = 100
+    labeler_steps: int = 1000
+    ensemble: int = 10
+    encoder_steps: int = 2000
+    encoder_lpips_steps: int = 500
+    truncation: float = 0.7
+    fd_samples: int = 1000
+
+    def training(self) -> dict[str, Any]:
+        return {"steps": self.steps, "batch": self.batch, "lr": self.lr, "width": self.width}
+
+
+QUICK = Settings(sizes=(16,), draws=1, arms=("baseline", "handsoff", "handsoff-filtered", "oracle"), n_generated=1000,
+                 test_n=300, oracle_n=1000, heldout_n=32, steps=200, refine_steps=20, labeler_steps=300,
+                 ensemble=3, encoder_steps=300, encoder_lpips_steps=50, fd_samples=0)
+
+
+def _key(**parts: Any) -> str:
+    """Short digest of settings: names cached artefacts so a changed setting gets a new file."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
+
+
+def _cached_json(path: Path, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    data = make()
+    _write_json(path, data)
+    return data
+
+
+def _say(message: str) -> None:
+    print(f"[quality {datetime.datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study's artefacts, each made once and cached under the work folder
+
+class Study:
+    """Makes (or finds in ``work``) every artefact of the study, on first use."""
+
+    def __init__(self, settings: Settings, work: Path, device: torch.device, encoder_path: Path,
+                 generator_path: Path, progress: bool) -> None:
+        self.s, self.work, self.device, self.progress = settings, work, device, progress
+        self.encoder_path, self.generator_path = encoder_path, generator_path
+        self.seconds: dict[str, float] = {}
+        self.encoder_files: dict[str, str] = {}
+        self._memo: dict[Any, Any] = {}
+        work.mkdir(parents=True, exist_ok=True)
+        ignore = work / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("*\n")  # the work folder never shows up in git
+
+    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 2)
+
+    def _once(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    # ----------------------------------------------------------------------- rendered sets
+    def rendered(self, name: str, n: int, seed: int) -> Path:
+        """Images 0..n-1 of the domain's sequence ``seed`` as a labeled-set folder."""
+        path = self.work / "sets" / f"{name}-n{n}-s{seed}"
+        if not path.is_dir():
+            _say(f"render {name}: {n} images, seed {seed}")
+            self._timed("render", lambda: render_to_folder(get_domain(DOMAIN), n, seed, SIZE, path,
+                                                           progress=self.progress, workers=1))
+        return path
+
+    def labeled(self, n: int, draw: int) -> Path:
+        """Draw ``draw`` of ``n`` labeled images (the draw of 16 is the first 16 of the draw of 50)."""
+        return self.rendered("labeled", n, SEEDS["labeled"] + draw)
+
+    def labeled_set(self, path: Path) -> LabeledSet:
+        return self._once(("set", path), lambda: read_labeled_set(path))
+
+    def test_set(self) -> LabeledSet:
+        return self.labeled_set(self.rendered("test", self.s.test_n, SEEDS["test"]))
+
+    # ----------------------------------------------------------------------- models
+    def generator(self) -> torch.nn.Module:
+        from handsoff.gan.checkpoints import load_generator
+
+        return self._once("G", lambda: load_generator(self.generator_path, device=self.device))
+
+    def lpips(self) -> torch.nn.Module:
+        from handsoff.invert.lpips import load_lpips
+
+        return self._once("lpips", lambda: load_lpips("vgg", device=self.device))
+
+    def encoder(self, kind: str) -> tuple[torch.nn.Module, str]:
+        """The encoder and a digest naming it: 'main' (shipped) or 'no-lpips' (fitted here once)."""
+        return self._once(("encoder", kind), lambda: self._load_encoder(kind))
+
+    def _load_encoder(self, kind: str) -> tuple[torch.nn.Module, str]:
+        from handsoff.invert.encoder import load_encoder
+        from handsoff.utils.io import sha256_file
+
+        if kind == "main" and self.encoder_path.is_file():
+            path = self.encoder_path
+        elif kind == "main":  # the shipped encoder is missing: fit one like it, smaller
+            path = self._fitted_encoder("main", self.s.encoder_steps, self.s.encoder_lpips_steps)
+        else:
+            path = self._fitted_encoder("no-lpips", self.s.encoder_steps, 0)
+        self.encoder_files[kind] = str(path)
+        return load_encoder(path, G=self.generator(), device=self.device), sha256_file(path)[:16]
+
+    def _fitted_encoder(self, name: str, steps: int, lpips_steps: int) -> Path:
+        """An encoder fitted here (cached): ``steps`` supervised steps, then ``lpips_steps`` LPIPS steps."""
+        path = self.work / "encoders" / f"{name}-{_key(steps=steps, lpips_steps=lpips_steps)}.safetensors"
+        if not path.is_file():
+            from handsoff.invert.encoder import save_encoder
+            from handsoff.invert.train import fit_encoder
+
+            G = self.generator()
+            _say(f"fit encoder '{name}': {steps} supervised steps, {lpips_steps} LPIPS steps")
+            encoder = self._timed("fit encoder", lambda: fit_encoder(
+                G, steps=steps, lpips_steps=lpips_steps, seed=0, device=self.device, progress=self.progress,
+                lpips=self.lpips() if lpips_steps else None))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_encoder(path, encoder, G)
+        return path
+
+    # ----------------------------------------------------------------------- latents, labelers, corpora
+    def _latents_key(self, pipeline: Pipeline, images: Path) -> str:
+        _, encoder_digest = self.encoder(pipeline.encoder)
+        return _key(encoder=encoder_digest, refine=self.s.refine_steps if pipeline.refine else 0,
+                    w_only=pipeline.w_only, images=images.name)
+
+    def latents(self, pipeline: Pipeline, images: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+        """W+ codes of the folder's images under ``pipeline``'s inversion, and its LPIPS/PSNR."""
+        from handsoff.gan.digest import generator_digest
+        from handsoff.invert.invert import invert_images
+        from handsoff.invert.latents import Latents, load_latents, save_latents
+
+        key = self._latents_key(pipeline, images)
+        path = self.work / "latents" / f"{images.name}-{key}.safetensors"
+        if not path.is_file():
+            encoder, _ = self.encoder(pipeline.encoder)
+            labeled = self.labeled_set(images)
+            refine = self.s.refine_steps if pipeline.refine else 0
+            _say(f"invert {images.name} ({len(labeled)} images, refine {refine}, "
+                 f"{'W' if pipeline.w_only else 'W+'}, encoder {pipeline.encoder})")
+            result = self._timed("invert", lambda: invert_images(
+                self.generator(), encoder, np.stack(labeled.images), refine_steps=refine, lpips=self.lpips(),
+                seed=0, progress=self.progress, w_only=pipeline.w_only))
+            stats = {"lpips_mean": float(np.mean(result.lpips)), "psnr_mean": float(np.mean(result.psnr)),
+                     "lpips": result.lpips.tolist(), "psnr": result.psnr.tolist()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_latents(path, Latents(result.ws, list(labeled.names), generator_digest(self.generator()), stats))
+        latents = load_latents(path)
+        return latents.ws, latents.extra
+
+    def labeler_path(self, pipeline: Pipeline, images: Path, seed: int) -> Path:
+        """A labeler fit on the folder's images through ``pipeline`` (cached file)."""
+        key = _key(latents=self._latents_key(pipeline, images), last_layers=pipeline.last_layers,
+                   steps=self.s.labeler_steps, ensemble=self.s.ensemble, seed=seed)
+        path = self.work / "labelers" / f"{images.name}-{key}.safetensors"
+        if not path.is_file():
+            from handsoff.label.io import save_labeler
+            from handsoff.label.train import fit_labeler
+
+            ws, _ = self.latents(pipeline, images)
+            G = self.generator()
+            layers = [-2, -1] if pipeline.last_layers else None
+            _say(f"fit labeler on {images.name} ({'last two layers' if layers else 'all layers'}, "
+                 f"{self.s.labeler_steps} steps, ensemble {self.s.ensemble})")
+            labeler = self._timed("fit labeler", lambda: fit_labeler(
+                G, ws.to(self.device), self.labeled_set(images), layers=layers, ensemble=self.s.ensemble,
+                steps=self.s.labeler_steps, seed=seed, device=self.device, progress=self.progress))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_labeler(path, labeler, G)
+        return path
+
+    def corpus(self, pipeline: Pipeline, images: Path, seed: int) -> Path:
+        """``n_generated`` samples labeled by that labeler, unfiltered (filtering happens at training)."""
+        from handsoff.synth.generation import generate
+        from handsoff.synth.settings import GenerateSettings
+
+        labeler = self.labeler_path(pipeline, images, seed)
+        path = self.work / "corpora" / f"{labeler.stem}-n{self.s.n_generated}"
+        if not (path / "manifest.json").is_file() or not _complete(path):
+            _say(f"generate {self.s.n_generated} labeled samples into {path.name}")
+            settings = GenerateSettings(n=self.s.n_generated, seed=SEEDS["generate"], truncation=self.s.truncation,
+                                        filter=0.0)
+            self._timed("generate", lambda: generate(labeler, path, settings, generator=self.generator_path,
+                                                     device=str(self.device), progress=self.progress))
+        return path
+
+    # ----------------------------------------------------------------------- training sets and runs
+    def train_set(self, arm: str, n: int, draw: int) -> torch.utils.data.Dataset:
+        """The training set of ``arm`` for draw ``draw`` of ``n`` labeled images."""
+        if arm == "baseline":
+            return LabeledFolderDataset(self.labeled_set(self.labeled(n, draw)), augment=True)
+        if arm == "oracle":
+            oracle = self.rendered("oracle", self.s.oracle_n, SEEDS["oracle"])
+            return LabeledFolderDataset(self.labeled_set(oracle), augment=True)
+        from handsoff.data.shards import ShardDataset
+
+        corpus = ShardDataset(self.corpus(PIPELINES[ARM_PIPELINE[arm]], self.labeled(n, draw), seed=draw))
+        return filter_by_uncertainty(corpus, self.s.filter_quantile) if arm == "handsoff-filtered" else corpus
+
+    def run(self, arm: str, n: Optional[int], draw: int, task: str) -> dict[str, Any]:
+        """Train and score one model (cached): ``arm`` on draw ``draw`` of ``n`` images (None for the oracle)."""
+        tag = f"{arm}-n{n}-d{draw}-{task}" if n is not None else f"{arm}-d{draw}-{task}"
+        data_key = {"arm": arm, "n": n, "draw": draw}
+        if arm in GENERATED_ARMS:
+            data_key.update(pipeline=asdict(PIPELINES[ARM_PIPELINE[arm]]), n_generated=self.s.n_generated,
+                            refine=self.s.refine_steps, labeler=(self.s.labeler_steps, self.s.ensemble),
+                            quantile=self.s.filter_quantile if arm == "handsoff-filtered" else None,
+                            encoder=self.encoder(PIPELINES[ARM_PIPELINE[arm]].encoder)[1])
+        elif arm == "oracle":
+            data_key.update(oracle_n=self.s.oracle_n)
+        path = self.work / "runs" / f"{tag}-{_key(data=data_key, train=self.s.training(), test=self.s.test_n)}.json"
+
+        def make() -> dict[str, Any]:
+            data = self.train_set(arm, n if n is not None else self.s.sizes[0], draw)
+            _say(f"train {tag}: {len(data)} samples, {self.s.steps} steps")
+            return self._timed("downstream", lambda: train_and_score(
+                [data], self.test_set(), task, steps=self.s.steps, batch=self.s.batch, lr=self.s.lr, seed=draw,
+                device=self.device, progress=self.progress, base=self.s.width,
+                extra={"arm": arm, "labeled": n, "draw": draw}))
+        return _cached_json(path, make)
+
+    # ----------------------------------------------------------------------- diagnostics
+    def diagnostics(self, n: int, draw: int) -> dict[str, Any]:
+        """Inversion and labeler figures of the main pipeline for one draw (cached)."""
+        pipeline, images = PIPELINES["main"], self.labeled(n, draw)
+        heldout = self.rendered("heldout", self.s.heldout_n, SEEDS["heldout"])
+        labeler = self.labeler_path(pipeline, images, seed=draw)
+        path = self.work / "diagnostics" / f"{labeler.stem}-heldout{self.s.heldout_n}.json"
+
+        def make() -> dict[str, Any]:
+            from handsoff.label.evaluate import evaluate_labeler
+            from handsoff.label.io import load_labeler
+
+            G = self.generator()
+            model = load_labeler(labeler, G=G, device=self.device)
+            ws_train, inv_train = self.latents(pipeline, images)
+            ws_held, inv_held = self.latents(pipeline, heldout)
+            _say(f"evaluate the labeler of {images.name} on {heldout.name}")
+            return {
+                "inversion_labeled": {"lpips": inv_train["lpips_mean"], "psnr": inv_train["psnr_mean"]},
+                "inversion_heldout": {"lpips": inv_held["lpips_mean"], "psnr": inv_held["psnr_mean"]},
+                "labeler_on_labeled": evaluate_labeler(G, model, ws_train.to(self.device), self.labeled_set(images)),
+                "labeler_on_heldout": evaluate_labeler(G, model, ws_held.to(self.device), self.labeled_set(heldout)),
+            }
+        return self._timed("diagnostics", lambda: _cached_json(path, make))
+
+    def generator_fd(self) -> dict[str, Any]:
+        """Fréchet distance of the generator's samples and, as its floor, of two disjoint real sets."""
+        path = self.work / "diagnostics" / f"fd-{_key(generator=str(self.generator_path), n=self.s.fd_samples)}.json"
+
+        def make() -> dict[str, Any]:
+            from handsoff.gan.training.quality import (QualityEvaluator, feature_statistics,
+                                                       frechet_distance_from_stats, get_feature_extractor)
+
+            extractor = get_feature_extractor(self.device, [self.work / "fd-cache"])
+            if extractor is None:
+                return {"skipped": "no feature extractor"}
+            n = self.s.fd_samples
+            reals = np.stack(self.labeled_set(self.rendered("fd-real", 2 * n, SEEDS["heldout"] + 1)).images)
+            evaluator = QualityEvaluator(extractor, reals[:n], n)
+            value = evaluator.evaluate(self.generator())
+
+            def stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                batches = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device).split(64)
+                return feature_statistics(torch.cat([extractor(b).double().cpu() for b in batches]).numpy())
+            with torch.no_grad():
+                floor = frechet_distance_from_stats(*stats(reals[:n]), *stats(reals[n:]))
+            return {"metric": value["metric"], "generator": value["value"], "real_vs_real": floor,
+                    "ratio": value["value"] / floor if floor > 0 else None, "samples": n,
+                    "truncation": 1.0}
+        return self._timed("fd", lambda: _cached_json(path, make))
+
+
+def _complete(corpus: Path) -> bool:
+    from handsoff.data.shards import read_manifest
+
+    manifest = read_manifest(corpus)
+    return manifest is not None and manifest.complete
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and the claim
+
+def _mean_std(values: Sequence[float]) -> dict[str, Any]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return {"values": list(values), "mean": float(np.mean(vals)) if vals else None,
+            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
+
+
+def aggregate(runs: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """``table[task][arm][n]`` = mean/std over draws of the primary metric (and of every metric)."""
+    table: dict[str, Any] = {}
+    for task in settings.tasks:
+        table[task] = {}
+        for arm in settings.arms:
+            for n in settings.sizes:
+                picked = [r for r in runs if r["task"] == task and r["extra"]["arm"] == arm
+                          and (arm == "oracle" or r["extra"]["labeled"] == n)]
+                if not picked:
+                    continue
+                metric_names = [k for k, v in picked[0]["metrics"].items() if isinstance(v, float)]
+                table[task].setdefault(arm, {})[str(n)] = {
+                    "primary": _mean_std([r["primary_metric"]["value"] for r in picked]),
+                    "metrics": {m: _mean_std([r["metrics"][m] for r in picked]) for m in metric_names},
+                    "train_size": int(np.mean([r["train_size"] for r in picked])),
+                }
+    return table
+
+
+def claims(table: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Per task and headline arm: beats the baseline, and the share of the baseline-to-oracle gap closed."""
+    out: dict[str, Any] = {}
+    for task, arms in table.items():
+        higher = TASKS[task].primary[1]
+        out[task] = {"metric": TASKS[task].primary[0], "higher_is_better": higher}
+        for arm in HEADLINE_ARMS:
+            per_n, holds = {}, True
+            for n in settings.sizes:
+                cell = lambda a: (arms.get(a, {}).get(str(n)) or {}).get("primary", {}).get("mean")  # noqa: E731
+                h, b, o = cell(arm), cell("baseline"), cell("oracle")
+                if None in (h, b, o):
+                    per_n[str(n)], holds = {"missing": [a for a, v in ((arm, h), ("baseline", b), ("oracle", o))
+                                                        if v is None]}, False
+                    continue
+                beats = h > b if higher else h < b
+                closed = (h - b) / (o - b) if o != b else None
+                ok = bool(beats and closed is not None and closed >= 0.5)
+                per_n[str(n)] = {"handsoff": h, "baseline": b, "oracle": o, "beats_baseline": bool(beats),
+                                 "gap_closed": closed, "holds": ok}
+                holds &= ok
+            out[task][arm] = {"holds": holds, "by_labeled": per_n}
+    return out
+
+
+def _fmt(cell: Optional[dict[str, Any]]) -> str:
+    if not cell or cell["primary"]["mean"] is None:
+        return "-"
+    mean, std = cell["primary"]["mean"], cell["primary"]["std"]
+    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
+
+
+def markdown(table: dict[str, Any], verdicts: dict[str, Any], settings: Settings) -> str:
+    """The results as a markdown table (arms x tasks, one column per number of labeled images)."""
+    header = ["arm"] + [f"{task} {TASKS[task].primary[0]}{'' if TASKS[task].primary[1] else ' (lower better)'}"
+                        f" n={n}" for task in settings.tasks for n in settings.sizes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in settings.arms:
+        cells = [_fmt(table.get(task, {}).get(arm, {}).get(str(n))) for task in settings.tasks for n in settings.sizes]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for task, verdict in verdicts.items():
+        for arm in HEADLINE_ARMS:
+            if arm not in verdict:
+                continue
+            parts = []
+            for n, v in verdict[arm]["by_labeled"].items():
+                if "missing" in v:
+                    parts.append(f"n={n}: not measured ({', '.join(v['missing'])} missing)")
+                else:
+                    closed = "n/a" if v["gap_closed"] is None else f"{v['gap_closed']:.0%}"
+                    parts.append(f"n={n}: {'beats' if v['beats_baseline'] else 'does not beat'} the baseline, "
+                                 f"closes {closed} of the gap")
+            lines.append(f"- **{task}**, {arm}: claim {'holds' if verdict[arm]['holds'] else 'does NOT hold'} "
+                         f"({'; '.join(parts)})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the quick profile (1 draw of 16, 1,000 generated, 4 arms)")
+    p.add_argument("--sizes", type=int, nargs="+", help="numbers of labeled images (default: 16 50)")
+    p.add_argument("--draws", type=int, help="random draws per number of labeled images (default: 3)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, help="arms to run (default: all)")
+    p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks (default: all the domain has)")
+    p.add_argument("--n-generated", type=int, help="generated samples per corpus (default: 10000)")
+    p.add_argument("--steps", type=int, help=f"downstream optimizer steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--batch", type=int, help=f"downstream batch (default: {DEFAULT_BATCH})")
+    p.add_argument("--width", type=int, help=f"downstream UNet width (default: {DEFAULT_BASE})")
+    p.add_argument("--refine-steps", type=int, help="per-image refinement of the main pipeline (default: 100)")
+    p.add_argument("--labeler-steps", type=int, help="labeler training steps (default: 1000)")
+    p.add_argument("--encoder-steps", type=int,
+                   help="supervised steps of the encoders fitted here: the no-LPIPS ablation's, and the main one "
+                        "when the shipped encoder is missing (default: 2000)")
+    p.add_argument("--test-n", type=int, help="test images (default: 1000)")
+    p.add_argument("--oracle-n", type=int, help="oracle training images (default: 10000)")
+    p.add_argument("--generator", type=Path, default=DEFAULT_GENERATOR)
+    p.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "quality",
+                   help="cache of intermediate artefacts (default: benchmarks/work/quality)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default: benchmarks/results/quality[-quick]-<device>.json)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    base = QUICK if args.quick else Settings()
+    overrides = {"sizes": tuple(args.sizes) if args.sizes else None, "draws": args.draws,
+                 "arms": tuple(a for a in ARMS if a in args.arms) if args.arms else None,
+                 "tasks": tuple(args.tasks) if args.tasks else None, "n_generated": args.n_generated,
+                 "steps": args.steps, "batch": args.batch, "width": args.width, "refine_steps": args.refine_steps,
+                 "labeler_steps": args.labeler_steps,
+                 "encoder_steps": args.encoder_steps, "test_n": args.test_n, "oracle_n": args.oracle_n}
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _runs(study: Study, settings: Settings) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Every training of the study; an arm whose upstream stage fails is skipped with its reason."""
+    runs, skipped = [], {}
+    for arm in settings.arms:
+        cells = ([(None, d) for d in range(settings.draws)] if arm == "oracle" else
+                 [(n, d) for n in settings.sizes for d in range(settings.draws)])
+        for n, draw in cells:
+            for task in settings.tasks:
+                if arm in skipped:
+                    break
+                try:
+                    runs.append(study.run(arm, n, draw, task))
+                except (ImportError, AttributeError, FileNotFoundError, HandsoffError) as err:
+                    # Upstream stages not available (yet): the study's own arms still run.
+                    skipped[arm] = f"{type(err).__name__}: {err}"
+                    _say(f"skip {arm}: {skipped[arm]}")
+    return runs, skipped
+
+
+def _diagnose(study: Study, settings: Settings, verdicts: dict[str, Any]) -> dict[str, Any]:
+    """Measured figures that say what limits the corpus (run when a generated arm ran)."""
+    figures: dict[str, Any] = {}
+    try:
+        figures["generator_fd"] = study.generator_fd() if settings.fd_samples else None
+    except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the study's results
+        figures["generator_fd"] = {"error": f"{type(err).__name__}: {err}"}
+    per_draw = {}
+    for n in settings.sizes:
+        for draw in range(settings.draws):
+            try:
+                per_draw[f"n{n}-d{draw}"] = study.diagnostics(n, draw)
+            except Exception as err:  # noqa: BLE001
+                per_draw[f"n{n}-d{draw}"] = {"error": f"{type(err).__name__}: {err}"}
+    figures["by_draw"] = per_draw
+    figures["claim_holds"] = {task: {arm: v[arm]["holds"] for arm in HEADLINE_ARMS if arm in v}
+                              for task, v in verdicts.items()}
+    return figures
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parse(argv)
+    settings = _settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = args.out or RESULTS / f"quality{'-quick' if args.quick else ''}-{device.type}.json"
+    study = Study(settings, args.work, device, args.encoder, args.generator, progress=not args.no_progress)
+    started, load_before = time.perf_counter(), load_average()
+
+    runs, skipped = _runs(study, settings)
+    table = aggregate(runs, settings)
+    verdicts = claims(table, settings)
+    generated_ran = any(r["extra"]["arm"] in GENERATED_ARMS for r in runs)
+    diagnosis = _diagnose(study, settings, verdicts) if generated_ran else None
+    text = markdown(table, verdicts, settings)
+
+    record = {
+        "benchmark": "quality: downstream models trained on HandsOff corpora vs the labeled images vs real data",
+        "device": f"{device.type}: {device_name(device)}, {os.cpu_count()} cores",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "profile": "quick" if args.quick else "full",
+        "settings": asdict(settings), "seeds": SEEDS,
+        "generator": str(args.generator), "encoders": study.encoder_files,
+        "load_average": {"before": load_before, "after": load_average()},
+        "wall_time_s": round(time.perf_counter() - started, 1), "stage_seconds": study.seconds,
+        "skipped_arms": skipped,
+        "table": table, "claims": verdicts, "diagnosis": diagnosis, "markdown": text,
+        "runs": [{"arm": r["extra"]["arm"], "labeled": r["extra"]["labeled"], "draw": r["extra"]["draw"],
+                  "task": r["task"], "metrics": r["metrics"], "train_size": r["train_size"],
+                  "wall_time_s": r["wall_time_s"]} for r in runs],
+        "how_to_rerun": f"python benchmarks/quality.py{' --quick' if args.quick else ''}",
+    }
+    _write_json(out, record)
+    print()
+    print(text)
+    if skipped:
+        print("\nskipped arms: " + "; ".join(f"{a} ({why})" for a, why in skipped.items()))
+    print(f"\nwrote {out} ({record['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
