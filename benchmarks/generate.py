@@ -91,8 +91,9 @@ def engine(G: torch.nn.Module, label_fn: Callable, info: Any, n: int, batch: int
     rates = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            result = generate_corpus(G, label_fn, info, Path(tmp) / "c", GenerateSettings(n=n, shard_size=max(1, n // 4)),
-                                     batch=batch, progress=False, preview=False)
+            settings = GenerateSettings(n=n, shard_size=max(1, n // 4))
+            result = generate_corpus(G, label_fn, info, Path(tmp) / "c", settings, batch=batch, progress=False,
+                                     preview=False)
             rates.append(result.report["samples_per_s"])
     return {"best": max(rates), "median": round(float(np.median(rates)), 2)}
 
@@ -136,6 +137,14 @@ def writing(resolution: int, classes: int, keypoints: int, n: int = 1000, repeat
             size = path.stat().st_size
     best = min(times)
     return {"samples_per_s": round(n / best), "MB_per_s": round(size / best / 1e6, 1), "shard_MB": round(size / 1e6, 2)}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (results stay machine-independent)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def make_labeler(workdir: Path, device: str) -> Path:
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": f"{device.type}: {device_name(device)}, {os.cpu_count()} cores",
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "generator": str(args.generator), "resolution": G.img_resolution, "labeler": labeler_meta,
+        "generator": _shown(args.generator), "resolution": G.img_resolution, "labeler": labeler_meta,
         "n": args.n, "batch": args.batch, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "img_per_s": figures, "labeled_over_generator": round(lab / gen, 3), "engine_over_labeled": round(eng / lab, 3),
         "processes_img_per_s": scaling,
@@ -207,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     rows += [(f"handsoff generate, {k} process(es)", v) for k, v in scaling.items()]
     for name, value in rows:
         print(f"{name:<34}{value:>10.1f}")
+    speedup = f"; {args.processes} processes / 1: {record['speedup_processes']:.2f}x" if scaling else ""
     print(f"labeled / generator-only: {record['labeled_over_generator']:.2f}; engine / labeled: "
-          f"{record['engine_over_labeled']:.2f}" + (f"; {args.processes} processes / 1: {record['speedup_processes']:.2f}x"
-                                                     if scaling else ""))
+          f"{record['engine_over_labeled']:.2f}{speedup}")
     print(f"writing: {write['samples_per_s']} samples/s, {write['MB_per_s']} MB/s ({write['shard_MB']} MB shards)")
     print(f"wrote {out}")
     return 0

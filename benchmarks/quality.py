@@ -15,6 +15,9 @@ downstream model (`handsoff.bench`, one fixed schedule) on:
   ``last-layers`` (labeler on the last two feature maps only);
 * ``oracle``: 10,000 real rendered labeled images (augmented), trained with one seed per draw;
 
+(ablations run at 16 labeled images unless ``--ablation-sizes 16 50``: each costs a 10,000-image
+corpus per draw, the study's most expensive stage on a CPU)
+
 and scores every model on 1,000 held-out rendered test images (a seed no stage sees), for
 every task of the domain (seg, keypoints, depth). Within a draw every arm uses the same
 training seed, so arms are compared pair-wise on equal terms.
@@ -103,6 +106,7 @@ class Settings:
     """Everything that decides the study's numbers (recorded in the results file)."""
 
     sizes: tuple[int, ...] = (16, 50)
+    ablation_sizes: tuple[int, ...] = (16,)
     draws: int = 3
     arms: tuple[str, ...] = ARMS
     tasks: tuple[str, ...] = ("seg", "keypoints", "depth")
@@ -127,7 +131,7 @@ class Settings:
         return {"steps": self.steps, "batch": self.batch, "lr": self.lr, "width": self.width}
 
 
-QUICK = Settings(sizes=(16,), draws=1, arms=("baseline", "handsoff", "handsoff-filtered", "oracle"), n_generated=1000,
+QUICK = Settings(sizes=(16,), ablation_sizes=(16,), draws=1, arms=("baseline", "handsoff", "handsoff-filtered", "oracle"), n_generated=1000,
                  test_n=300, oracle_n=1000, heldout_n=32, steps=200, refine_steps=20, labeler_steps=300,
                  ensemble=3, encoder_steps=300, encoder_lpips_steps=50, fd_samples=0)
 
@@ -444,6 +448,7 @@ def aggregate(runs: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
                     "primary": _mean_std([r["primary_metric"]["value"] for r in picked]),
                     "metrics": {m: _mean_std([r["metrics"][m] for r in picked]) for m in metric_names},
                     "train_size": int(np.mean([r["train_size"] for r in picked])),
+                    "supervised_fraction": _mean_of([r.get("supervised_fraction") for r in picked]),
                 }
     return table
 
@@ -507,6 +512,56 @@ def markdown(table: dict[str, Any], verdicts: dict[str, Any], settings: Settings
     return "\n".join(lines)
 
 
+def _mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def limits(diagnosis: Optional[dict[str, Any]], table: dict[str, Any], settings: Settings) -> list[str]:
+    """What limits the corpus, in measured figures: generator FD, inversion, labeler on held-out real images.
+
+    The labeler's score on inverted held-out real images is the quality of the labels a
+    corpus can carry at best; when it is below what the baseline model reaches from the same
+    labeled images, the corpus cannot beat the baseline whatever the downstream training.
+    """
+    if not diagnosis:
+        return []
+    lines = []
+    fd = diagnosis.get("generator_fd") or {}
+    if "generator" in fd:
+        lines.append(f"- generator: {fd['metric']} {fd['generator']:.2f} against {fd['real_vs_real']:.2f} between "
+                     f"two real sets ({fd['ratio']:.1f}x the floor)")
+    draws = [d for d in diagnosis.get("by_draw", {}).values() if "error" not in d]
+    if not draws:
+        errors = {d["error"] for d in diagnosis.get("by_draw", {}).values() if "error" in d}
+        return lines + [f"- inversion / labeler figures unavailable: {'; '.join(sorted(errors))}"]
+    for where in ("labeled", "heldout"):
+        lp = _mean_of([d[f"inversion_{where}"]["lpips"] for d in draws])
+        ps = _mean_of([d[f"inversion_{where}"]["psnr"] for d in draws])
+        lines.append(f"- inversion of the {'labeled' if where == 'labeled' else 'held-out real'} images: "
+                     f"LPIPS {lp:.3f}, PSNR {ps:.1f} dB (mean over draws)")
+    for task in settings.tasks:
+        metric, higher = TASKS[task].primary
+        train = _mean_of([(d["labeler_on_labeled"].get(task) or {}).get(metric) for d in draws])
+        held = _mean_of([(d["labeler_on_heldout"].get(task) or {}).get(metric) for d in draws])
+        if held is None:
+            continue
+        base = _mean_of([(table.get(task, {}).get("baseline", {}).get(str(n)) or {}).get("primary", {}).get("mean")
+                         for n in settings.sizes])
+        verdict = ""
+        if base is not None:
+            worse = held < base if higher else held > base
+            verdict = (" - below the baseline model, so the labels limit the corpus" if worse else
+                       " - at or above the baseline model")
+        lines.append(f"- labeler, {task} {metric}: {held:.3f} on inverted held-out real images, "
+                     f"{train:.3f} on its own labeled images; baseline model {_num(base)}{verdict}")
+    return lines
+
+
+def _num(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 
@@ -531,8 +586,14 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--oracle-n", type=int, help="oracle training images (default: 10000)")
     p.add_argument("--generator", type=Path, default=DEFAULT_GENERATOR)
     p.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="downstream trainings run in this many processes of --threads threads (default: 1; "
+                        "2 on an idle 2-core machine halves the study's training time)")
+    p.add_argument("--ablation-sizes", type=int, nargs="+",
+                   help="numbers of labeled images the ablations run at (default: 16)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default: 1; on a shared 2-core machine two threads ran 10x slower)")
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "quality",
                    help="cache of intermediate artefacts (default: benchmarks/work/quality)")
     p.add_argument("--out", type=Path, default=None,
@@ -546,29 +607,75 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {"sizes": tuple(args.sizes) if args.sizes else None, "draws": args.draws,
                  "arms": tuple(a for a in ARMS if a in args.arms) if args.arms else None,
                  "tasks": tuple(args.tasks) if args.tasks else None, "n_generated": args.n_generated,
+                 "ablation_sizes": tuple(args.ablation_sizes) if args.ablation_sizes else None,
                  "steps": args.steps, "batch": args.batch, "width": args.width, "refine_steps": args.refine_steps,
                  "labeler_steps": args.labeler_steps,
                  "encoder_steps": args.encoder_steps, "test_n": args.test_n, "oracle_n": args.oracle_n}
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _runs(study: Study, settings: Settings) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Every training of the study; an arm whose upstream stage fails is skipped with its reason."""
-    runs, skipped = [], {}
+ABLATION_ARMS = ("no-lpips", "no-refine", "w-space", "last-layers")
+_SKIPPABLE = (ImportError, AttributeError, FileNotFoundError, HandsoffError)
+
+
+def cells(settings: Settings) -> list[tuple[str, Optional[int], int]]:
+    """Every (arm, labeled images, draw) of the study; the oracle has no labeled images."""
+    out: list[tuple[str, Optional[int], int]] = []
     for arm in settings.arms:
-        cells = ([(None, d) for d in range(settings.draws)] if arm == "oracle" else
-                 [(n, d) for n in settings.sizes for d in range(settings.draws)])
-        for n, draw in cells:
-            for task in settings.tasks:
-                if arm in skipped:
-                    break
-                try:
-                    runs.append(study.run(arm, n, draw, task))
-                except (ImportError, AttributeError, FileNotFoundError, HandsoffError) as err:
-                    # Upstream stages not available (yet): the study's own arms still run.
-                    skipped[arm] = f"{type(err).__name__}: {err}"
-                    _say(f"skip {arm}: {skipped[arm]}")
-    return runs, skipped
+        sizes = [None] if arm == "oracle" else settings.ablation_sizes if arm in ABLATION_ARMS else settings.sizes
+        out += [(arm, n, d) for n in sizes for d in range(settings.draws)]
+    return out
+
+
+def _prepare(study: Study, todo: list[tuple[str, Optional[int], int]]) -> dict[str, str]:
+    """Make every training set's artefacts (renders, latents, labelers, corpora) in this process.
+
+    Returns the arms whose upstream stage is not available, with the reason: the study's own
+    arms (baseline, oracle) still run.
+    """
+    skipped: dict[str, str] = {}
+    study.test_set()
+    for arm, n, draw in todo:
+        if arm in skipped:
+            continue
+        try:
+            study.train_set(arm, n if n is not None else study.s.sizes[0], draw)
+        except _SKIPPABLE as err:
+            skipped[arm] = f"{type(err).__name__}: {err}"
+            _say(f"skip {arm}: {skipped[arm]}")
+    return skipped
+
+
+_WORKER: dict[str, Study] = {}
+
+
+def _worker_init(args: tuple[Any, ...], threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["study"] = Study(*args, progress=False)
+
+
+def _worker_run(arm: str, n: Optional[int], draw: int, task: str) -> dict[str, Any]:
+    return _WORKER["study"].run(arm, n, draw, task)
+
+
+def _train_all(study: Study, todo: list[tuple[str, Optional[int], int]], jobs: int, threads: int
+               ) -> list[dict[str, Any]]:
+    """Every training (cached ones are read back), in ``jobs`` processes of ``threads`` threads each.
+
+    Worker processes are spawned (not forked: a forked OpenMP runtime can hang) and find the
+    artefacts `_prepare` made in the work folder.
+    """
+    jobs_list = [(arm, n, d, task) for arm, n, d in todo for task in study.s.tasks]
+    if jobs <= 1:
+        return [study.run(*job) for job in jobs_list]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    init = ((study.s, study.work, study.device, study.encoder_path, study.generator_path), threads)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=init) as pool:
+        futures = [pool.submit(_worker_run, *job) for job in jobs_list]
+        return [f.result() for f in futures]
 
 
 def _diagnose(study: Study, settings: Settings, verdicts: dict[str, Any]) -> dict[str, Any]:
@@ -601,12 +708,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     study = Study(settings, args.work, device, args.encoder, args.generator, progress=not args.no_progress)
     started, load_before = time.perf_counter(), load_average()
 
-    runs, skipped = _runs(study, settings)
+    todo = cells(settings)
+    skipped = _prepare(study, todo)
+    todo = [c for c in todo if c[0] not in skipped]
+    runs = study._timed("downstream", lambda: _train_all(study, todo, args.jobs, args.threads))
     table = aggregate(runs, settings)
     verdicts = claims(table, settings)
     generated_ran = any(r["extra"]["arm"] in GENERATED_ARMS for r in runs)
     diagnosis = _diagnose(study, settings, verdicts) if generated_ran else None
     text = markdown(table, verdicts, settings)
+    limit_lines = limits(diagnosis, table, settings)
+    empty = sorted({f"{r['extra']['arm']} {r['task']}" for r in runs if r.get("warnings")})
+    if empty:
+        limit_lines.append(f"- trainings that carried no training signal (e.g. no keypoint with confidence >= 0.5): "
+                           f"{', '.join(empty)}")
+    if limit_lines:
+        text += "\n\nWhat limits it (measured):\n" + "\n".join(limit_lines)
 
     record = {
         "benchmark": "quality: downstream models trained on HandsOff corpora vs the labeled images vs real data",
@@ -622,6 +739,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "table": table, "claims": verdicts, "diagnosis": diagnosis, "markdown": text,
         "runs": [{"arm": r["extra"]["arm"], "labeled": r["extra"]["labeled"], "draw": r["extra"]["draw"],
                   "task": r["task"], "metrics": r["metrics"], "train_size": r["train_size"],
+                  "supervised_fraction": r.get("supervised_fraction"), "warnings": r.get("warnings", []),
                   "wall_time_s": r["wall_time_s"]} for r in runs],
         "how_to_rerun": f"python benchmarks/quality.py{' --quick' if args.quick else ''}",
     }

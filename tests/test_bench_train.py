@@ -121,6 +121,18 @@ def test_folder_and_fake_shards_mix(sets):
     assert result["metrics"].keys() == {"pck@0.05", "pck@0.1"}
 
 
+def test_unconfident_keypoints_train_nothing_and_say_so(sets):
+    class Unsure(FakeShards):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            item["keypoints"][:, 2] = 0.4  # below the 0.5 confidence that counts as visible
+            return item
+
+    result = train_and_score([Unsure(sets["train"])], sets["test"], "keypoints", steps=2, **TINY)
+    assert result["supervised_fraction"] == 0.0
+    assert "no visible keypoint" in result["warnings"][0]
+
+
 def test_cli_writes_results(sets, tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(["bench", "--train", str(sets["train"]), "--train", str(sets["train"]), "--test", str(sets["test"]),

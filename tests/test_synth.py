@@ -118,7 +118,8 @@ def test_generate_counts_seeds_and_labels(G, tmp_path):
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["generated"] == 24 and report["kept"] == 20 and report["dropped"] == 4
     assert report["filtered_fraction"] == pytest.approx(4 / 24, abs=1e-6) and report["samples_per_s"] > 0
-    assert report["generator_digest"] == manifest.identity["generator_digest"] and report["labeler_digest"] == "fake-labeler-1"
+    assert report["generator_digest"] == manifest.identity["generator_digest"]
+    assert report["labeler_digest"] == "fake-labeler-1"
     assert (tmp_path / "c" / "preview.png").stat().st_size > 0
 
     rec, attrs = read_shard(tmp_path / "c" / "shard-00000.h5")
@@ -175,10 +176,8 @@ def test_a_second_run_into_the_same_folder_is_refused(G, tmp_path):
     run(G, out)  # the lock is gone with its holder
 
 
-def test_full_disk_is_a_clear_error_and_finished_shards_survive(G, tmp_path, monkeypatch):
-    out = tmp_path / "c"
-    reference = tmp_path / "ref"
-    run(G, reference)
+def disk_full_at_shard_1(monkeypatch) -> None:
+    """Make the engine's shard writer fail with ENOSPC on shard-00001.h5 (the others are written)."""
     real_write = engine.write_shard
 
     def write_until_full(path, *args, **kwargs):
@@ -187,6 +186,13 @@ def test_full_disk_is_a_clear_error_and_finished_shards_survive(G, tmp_path, mon
         return real_write(path, *args, **kwargs)
 
     monkeypatch.setattr(engine, "write_shard", write_until_full)
+
+
+def test_full_disk_is_a_clear_error_and_finished_shards_survive(G, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    reference = tmp_path / "ref"
+    run(G, reference)
+    disk_full_at_shard_1(monkeypatch)
     with pytest.raises(HandsoffError) as err:
         run(G, out)
     assert "shard-00001.h5: cannot write the shard (No space left on device)" in str(err.value)
@@ -194,7 +200,7 @@ def test_full_disk_is_a_clear_error_and_finished_shards_survive(G, tmp_path, mon
     assert [e.shard for e in manifest.shards] == [0] and not manifest.complete
     assert (out / "shard-00000.h5").read_bytes() == (reference / "shard-00000.h5").read_bytes()
     assert not list(out.glob(".*.tmp"))
-    monkeypatch.setattr(engine, "write_shard", real_write)
+    monkeypatch.undo()
     run(G, out)
     assert corpus_bytes(out) == corpus_bytes(reference)
 
@@ -215,12 +221,10 @@ def _make_read_only(folder):
 
 def test_read_only_folder_is_a_clear_error(G, tmp_path, monkeypatch):
     out = tmp_path / "c"
-    real_write = engine.write_shard
-    monkeypatch.setattr(engine, "write_shard", lambda path, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
-                        if path.name == "shard-00001.h5" else real_write(path, *a, **k))
+    disk_full_at_shard_1(monkeypatch)  # leaves a corpus with one finished shard
     with pytest.raises(HandsoffError):
         run(G, out)
-    monkeypatch.setattr(engine, "write_shard", real_write)
+    monkeypatch.undo()
     finished = corpus_bytes(out)
     undo = _make_read_only(out)
     try:
@@ -231,7 +235,8 @@ def test_read_only_folder_is_a_clear_error(G, tmp_path, monkeypatch):
     assert str(out) in str(err.value) and "cannot write" in str(err.value) and "\n" not in str(err.value)
     assert corpus_bytes(out) == finished
     fresh = tmp_path / "ro" / "new"
-    undo = _make_read_only(fresh.parent if fresh.parent.mkdir() is None else fresh.parent)
+    fresh.parent.mkdir()
+    undo = _make_read_only(fresh.parent)
     try:
         with pytest.raises(HandsoffError, match="cannot write here"):
             run(G, fresh)

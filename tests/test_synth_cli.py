@@ -58,6 +58,9 @@ def test_export_folder(generator, tmp_path, capsys):
     assert np.array_equal(labeled.images[i], rec.images[0]) and np.array_equal(labeled.seg[i], rec.seg[0])
     np.testing.assert_array_equal(labeled.depth[i], rec.depth[0])
     assert labeled.keypoints[i][:, 2].tolist() == (rec.keypoints[0][:, 2] >= 0.5).astype(float).tolist()
+    lax = ["export", str(corpus), "--out", str(tmp_path / "lax"), "--min-confidence", "0", "--no-progress"]
+    assert fake_cli(lax) == 0
+    assert read_labeled_set(tmp_path / "lax").keypoints[i][:, 2].all()  # the fake's points lie inside
     assert fake_cli(["export", str(corpus), "--out", str(tmp_path / "f"), "--no-progress"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert fake_cli(["export", str(tmp_path), "--out", str(tmp_path / "g")]) == 2

@@ -26,15 +26,19 @@ N, SHARD, BATCH = 600, 30, 6
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # bytes depend on the thread count
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> tuple[Path, Path]:
-    """(generator file, labeler file), made once per test session (other modules import this)."""
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(generator file, labeler file), made once per test session (test_synth_dist uses them too)."""
     folder = tmp_path_factory.getbasetemp() / "synth-models"
     generator, labeler = folder / "g.safetensors", folder / "labeler.safetensors"
     if not labeler.exists():
         folder.mkdir(exist_ok=True)
         save_tiny_labeler(folder, save_tiny_generator(generator))
     return generator, labeler
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    return tiny_models(tmp_path_factory)
 
 
 def command(models: tuple[Path, Path], out: Path, n: int = N, shard_size: int = SHARD) -> list[str]:

@@ -6,10 +6,17 @@ import json
 import subprocess
 import sys
 
-from test_synth_crash import ONE_THREAD, command, corpus_bytes, models, reference  # noqa: F401 - fixture
+import pytest
+
+from test_synth_crash import ONE_THREAD, command, corpus_bytes, reference, tiny_models
 
 
-def test_two_torchrun_processes_make_the_single_process_corpus(models, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory)
+
+
+def test_two_torchrun_processes_make_the_single_process_corpus(models, tmp_path):
     reference(models, tmp_path / "ref", n=120, shard_size=20)
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "handsoff",

@@ -69,7 +69,8 @@ def fake_predict(images: np.ndarray) -> LabelPrediction:
         points.append(np.stack([x + 0.5, y + 0.5, (flat.max(axis=1) - flat.min(axis=1))], axis=1))
     uncertainty = flat.std(axis=1).astype(np.float32)
     return LabelPrediction(uncertainty=uncertainty, seg=seg, keypoints=np.stack(points, axis=1).astype(np.float32),
-                           depth=(1.0 - gray).astype(np.float32), scores={"seg_js": uncertainty, "spread": -uncertainty})
+                           depth=(1.0 - gray).astype(np.float32),
+                           scores={"seg_js": uncertainty, "spread": -uncertainty})
 
 
 def fake_label_fn(G: torch.nn.Module, noise_mode: str = "const"):

@@ -147,7 +147,8 @@ def test_bad_configs_are_one_line_errors(tmp_path, text, message):
 def test_unknown_generate_setting_names_the_known_ones(tmp_path):
     from handsoff.synth.pipeline import _generate_stage, _Paths
 
-    config = config_from_dict(tomllib.loads(CONFIG.replace("batch = 4", "batch = 4\nfilterr = 0.2")), tmp_path, "p.toml")
+    text = CONFIG.replace("batch = 4", "batch = 4\nfilterr = 0.2")
+    config = config_from_dict(tomllib.loads(text), tmp_path, "p.toml")
     with pytest.raises(HandsoffError, match=r"\[generate\] has no setting 'filterr' \(known: .*filter"):
         _generate_stage(config, _Paths.of(config), progress=False)
 

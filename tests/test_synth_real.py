@@ -57,7 +57,8 @@ def test_run_every_stage_then_skip_then_rerun_what_changed(first_run):
                  "shards/report.json", "run.json"):
         assert (out / name).exists(), name
     dataset = ShardDataset(out / "shards")
-    assert len(dataset) == 12 and dataset.resolution == 16  # floor(0.1 * 6) = 0 dropped per shard; and "skin" in dataset.classes
+    assert len(dataset) == 12  # floor(0.1 * 6) = 0 dropped per shard
+    assert dataset.resolution == 16 and "skin" in dataset.classes
     assert set(dataset[0]) == {"image", "seg", "depth", "keypoints", "uncertainty", "seed"}
 
     again = run_pipeline(write_config(tmp_path, config), progress=False, log=lambda _: None)

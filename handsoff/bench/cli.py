@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["register"]
@@ -34,15 +35,14 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand to the ``handsoff`` parser."""
-    from handsoff.bench.models import MODELS
-    from handsoff.bench.train import DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS
+    from handsoff.bench.defaults import DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, MODELS, TASK_NAMES
 
     p = sub.add_parser("bench", help="score a training set: train a downstream model, test on real images",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=Path, action="append", required=True, metavar="DIR",
                    help="labeled-set folder or generated corpus (repeat to mix several)")
     p.add_argument("--test", type=Path, required=True, metavar="DIR", help="real labeled test folder")
-    p.add_argument("--task", choices=("seg", "keypoints", "depth"), required=True, help="what to train and score")
+    p.add_argument("--task", choices=TASK_NAMES, required=True, help="what to train and score")
     p.add_argument("--out", type=Path, required=True, metavar="RESULT.json", help="results file (JSON)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default: {DEFAULT_STEPS})")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"samples per step (default: {DEFAULT_BATCH})")
@@ -56,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=MODELS, default="unet", help="downstream model (default: unet)")
     p.add_argument("--width", type=int, default=DEFAULT_BASE,
                    help=f"UNet channels at full resolution, doubling per level (default: {DEFAULT_BASE})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; on a busy machine 1 is often fastest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_bench)
 
@@ -66,20 +68,32 @@ def _run_bench(args: argparse.Namespace) -> None:
     from handsoff.utils.io import atomic_path
     from handsoff.utils.runtime import resolve_device
 
-    if args.out.is_dir():
-        from handsoff.errors import HandsoffError
+    from handsoff.errors import HandsoffError
 
+    if args.out.is_dir():
         raise HandsoffError(f"{args.out}: is a folder; --out takes a JSON file name")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise HandsoffError(f"--threads must be at least 1 (got {args.threads})")
+        import torch
+
+        torch.set_num_threads(args.threads)
     train_sets = [open_train_set(path, augment=not args.no_augment, seed=args.seed,
                                  max_uncertainty_quantile=args.max_uncertainty_quantile) for path in args.train]
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as err:  # torch's own message for a malformed device string
+        raise HandsoffError(f"--device {args.device!r}: {' '.join(str(err).split())}") from None
     result = train_and_score(train_sets, args.test, args.task, steps=args.steps, batch=args.batch, lr=args.lr,
-                             seed=args.seed, device=resolve_device(args.device), progress=not args.no_progress,
+                             seed=args.seed, device=device, progress=not args.no_progress,
                              arch=args.model, base=args.width,
                              extra={"command": "handsoff bench",
                                     "max_uncertainty_quantile": args.max_uncertainty_quantile,
                                     "augment_folders": not args.no_augment})
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    for warning in result["warnings"]:
+        print(f"handsoff bench: warning: {warning}", file=sys.stderr)
     shown = {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
     print(f"{args.task}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) +
           f" ({result['train_size']} training samples, {args.steps} steps, "

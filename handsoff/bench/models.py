@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from handsoff.bench.defaults import MODELS
+
 __all__ = ["MODELS", "UNet", "OutputAffine", "build_model", "count_parameters"]
 
-MODELS = ("unet", "deeplabv3")
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:

@@ -51,6 +51,9 @@ class Task:
         primary: the headline metric and whether higher is better.
         calibrate: ``targets -> (scale, shift)`` for the model's raw output (``scale * out +
             shift``), from a sample of training targets, or None (outputs used as they are).
+        supervised: ``targets -> bool mask`` of the labels that carry a training signal
+            (labelled pixels, valid depths, visible keypoints); its mean over training is
+            recorded, and a training set where it is 0 trains nothing.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     predict: Callable[[torch.Tensor], np.ndarray]
     primary: tuple[str, bool]
+    supervised: Callable[[torch.Tensor], torch.Tensor]
     calibrate: Optional[Callable[[torch.Tensor], tuple[float, float]]] = None
 
     def out_channels(self, classes: tuple[str, ...], keypoint_names: tuple[str, ...]) -> int:
@@ -211,7 +215,8 @@ def score(task: Task, predictions: np.ndarray, test: dict[str, Optional[np.ndarr
 
 
 TASKS: dict[str, Task] = {
-    "seg": Task("seg", "seg/", _seg_loss, _seg_predict, ("miou", True)),
-    "keypoints": Task("keypoints", "keypoints.json", _keypoint_loss, _keypoint_predict, ("pck@0.05", True)),
-    "depth": Task("depth", "depth/", _depth_loss, _depth_predict, ("rmse", False), _depth_calibrate),
+    "seg": Task("seg", "seg/", _seg_loss, _seg_predict, ("miou", True), lambda t: t != IGNORE_INDEX),
+    "keypoints": Task("keypoints", "keypoints.json", _keypoint_loss, _keypoint_predict, ("pck@0.05", True),
+                      lambda t: t[..., 2] >= VISIBLE_THRESHOLD),
+    "depth": Task("depth", "depth/", _depth_loss, _depth_predict, ("rmse", False), _valid_depth, _depth_calibrate),
 }

@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from handsoff import __version__
 from handsoff.bench.data import check_train_sets, describe, leaves
+from handsoff.bench.defaults import DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS
 from handsoff.bench.models import OutputAffine, build_model, count_parameters
 from handsoff.bench.tasks import TASKS, Task, score
 from handsoff.data.folder_dataset import LabeledFolderDataset
@@ -35,13 +36,6 @@ __all__ = ["DEFAULT_STEPS", "DEFAULT_BATCH", "DEFAULT_LR", "DEFAULT_BASE", "RESU
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# One schedule for every training set, measured on the heads domain at 64x64 (benchmarks/README.md):
-# at 1,000 steps of 16 the oracle (10,000 real images) and the 16-image baseline differ clearly
-# on every task, and one training takes about 2 minutes of one CPU core.
-DEFAULT_STEPS = 1000
-DEFAULT_BATCH = 16
-DEFAULT_LR = 5e-3
-DEFAULT_BASE = 8
 WEIGHT_DECAY = 1e-4
 WARMUP_FRACTION = 0.05
 RESULT_FORMAT = "handsoff-bench"
@@ -96,8 +90,13 @@ def _calibrated(model: torch.nn.Module, task: Task, data: Dataset, size: tuple[i
 
 
 def _train(model: torch.nn.Module, task: Task, data: Dataset, *, steps: int, batch: int, lr: float,
-           seed: int, device: torch.device, progress: bool) -> list[list[float]]:
-    """Run the fixed schedule; returns the loss curve ``[[step, mean loss since last point], ...]``."""
+           seed: int, device: torch.device, progress: bool) -> tuple[list[list[float]], float]:
+    """Run the fixed schedule.
+
+    Returns:
+        The loss curve ``[[step, mean loss since the last point], ...]`` and the fraction of
+        the labels seen that carried a training signal (`Task.supervised`).
+    """
     from tqdm import tqdm
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
@@ -106,12 +105,14 @@ def _train(model: torch.nn.Module, task: Task, data: Dataset, *, steps: int, bat
     every = max(1, steps // _CURVE_POINTS)
     curve: list[list[float]] = []
     running: list[float] = []
+    supervised = []
     model.train()
     with tqdm(total=steps, desc=f"bench {task.name}", unit="step", disable=not progress) as bar:
         for step in range(steps):
             items = [data[next(indices)] for _ in range(batch)]
             images = _images(items, device)
             target = task.target(items, tuple(images.shape[-2:])).to(device)
+            supervised.append(task.supervised(target).float().mean().item())
             loss = task.loss(model(images), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,7 +124,7 @@ def _train(model: torch.nn.Module, task: Task, data: Dataset, *, steps: int, bat
                 bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
                 running = []
             bar.update(1)
-    return curve
+    return curve, float(np.mean(supervised))
 
 
 @torch.no_grad()
@@ -142,6 +143,14 @@ def evaluate(model: torch.nn.Module, task: Task | str, test: LabeledFolderDatase
               "depth": None if ls.depth is None else np.stack(ls.depth),
               "keypoints": ls.keypoints}
     return score(task, np.concatenate(predictions), labels, test.classes, test.image_size)
+
+
+def _warnings(task: Task, supervised: float) -> list[str]:
+    if supervised > 0:
+        return []
+    what = {"seg": "no labelled pixel (all 255)", "depth": "no valid depth",
+            "keypoints": "no visible keypoint (visible / confidence >= 0.5)"}[task.name]
+    return [f"the training set carried {what}: the model learnt nothing from it"]
 
 
 def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, task: str, *,
@@ -167,7 +176,9 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
         A JSON-able dict: ``format``, ``task``, ``metrics`` (the task's scores, see
         `handsoff.bench.tasks`), ``primary_metric``, ``settings``, ``train_sets`` (kind, path,
         size of each), ``train_size``, ``test`` (path, size, resolution), ``loss_curve``,
-        ``wall_time_s`` (train, test, total), ``date``, ``versions``.
+        ``supervised_fraction`` (share of the labels seen in training that carried a signal:
+        labelled pixels, valid depths or visible keypoints), ``warnings``, ``wall_time_s``
+        (train, test, total), ``date``, ``versions``.
 
     Raises:
         HandsoffError: a bad test set or a training set that does not fit it (one line
@@ -191,8 +202,8 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
         model = build_model(task, spec.out_channels(test_set.classes, test_set.keypoint_names), arch=arch,
                             base=base, levels=levels)
         model = _calibrated(model, spec, data, test_set.image_size).to(device, memory_format=torch.channels_last)
-        curve = _train(model, spec, data, steps=steps, batch=batch, lr=lr, seed=seed, device=device,
-                       progress=progress)
+        curve, supervised = _train(model, spec, data, steps=steps, batch=batch, lr=lr, seed=seed, device=device,
+                                   progress=progress)
     trained = time.perf_counter()
     result_metrics = evaluate(model, spec, test_set, device=device)
     done = time.perf_counter()
@@ -213,6 +224,8 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
         "train_size": int(len(data)),
         "test": {"path": str(test_set.root), "size": len(test_set), "resolution": list(test_set.image_size)},
         "loss_curve": curve,
+        "supervised_fraction": supervised,
+        "warnings": _warnings(spec, supervised),
         "wall_time_s": {"train": round(trained - started, 2), "test": round(done - trained, 2),
                         "total": round(done - started, 2)},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -131,11 +131,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a generated corpus to the labeled-set folder format",
                        description="Write every finished shard of a corpus as one labeled-set folder (images/, "
                                    "seg/, depth/, keypoints.json, meta.json). Names are i{index}_s{seed}; keypoints "
-                                   "are visible when their confidence is >= 0.5 and they lie inside the image.")
+                                   "are visible when their confidence is >= --min-confidence and they lie inside "
+                                   "the image.")
     p.add_argument("corpus", type=Path, help="corpus folder (with manifest.json)")
     p.add_argument("--format", choices=("folder",), default="folder", help="output format (default: folder)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.add_argument("--min-confidence", type=float, default=0.5,
+                   help="keypoint confidence from which a keypoint is visible (default: 0.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_export)
 
@@ -143,7 +146,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> None:
     from handsoff.synth.export import export_folder
 
-    out = export_folder(args.corpus, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    out = export_folder(args.corpus, args.out, overwrite=args.overwrite, progress=not args.no_progress,
+                        min_confidence=args.min_confidence)
     print(f"wrote {out}")
 
 

@@ -2,11 +2,10 @@
 
 16 labeled images of the 'heads' domain (seed 0, 64x64) -> inverted with the shipped encoder
 -> a labeler fitted on them -> 1,000 generated labeled images from the shipped generator.
-The labeler keeps the paper's ten members but narrower MLPs (hidden 64, 32 instead of 256, 32):
-labeling then costs about 0.18 instead of 0.45 CPU-seconds per 64x64 image, which keeps the
-demo within minutes on a 2-core CPU (the paper's setting is a `handsoff run` config away).
-It runs torch on one CPU thread: on a shared 2-core machine two OpenMP threads were measured
-five times slower than one (labeling 1.4 against 7.4 images/s at load 5.4).
+The labeler is `fit_labeler`'s default, the paper's faces setting (ten members, hidden 256, 32).
+The demo runs torch on one CPU thread: on this project's shared 2-core machine two OpenMP
+threads were measured five times slower than one (labeling 1.4 against 7.4 images/s at load
+5.4); the whole demo took 3 min 45 s there on one thread (load 2 to 4).
 The config is written to ``DIR/demo.toml`` and run by `handsoff.synth.pipeline.run_pipeline`
 (the same code path as ``handsoff run DIR/demo.toml``), so a rerun skips finished stages.
 """
@@ -36,7 +35,7 @@ def demo_config(out: Path, device: str = "auto", n: int = 1000) -> dict[str, Any
         "labeled": {"render": {"domain": "heads", "n": 16, "seed": 0, "size": 64}},
         "encoder": {"path": str(DEMO_ENCODER)},
         "invert": {"refine_steps": 0},
-        "labeler": {"ensemble": 10, "hidden": [64, 32], "seed": 0},
+        "labeler": {"seed": 0},
         "generate": {"n": n, "seed": 0, "truncation": 0.7, "filter": 0.1, "shard_size": 250, "batch": 16},
     }
 
@@ -45,7 +44,8 @@ def run_demo(out: PathLike, device: str = "auto", n: int = 1000, progress: bool 
     """Write ``out/demo.toml`` and run it; returns the run record (see `run_pipeline`).
 
     Leaves ``out/labeler.safetensors``, ``out/shards/`` (shards, manifest.json, preview.png,
-    report.json), ``out/labeled/``, ``out/latents.safetensors`` and ``out/run.json``.
+    report.json), ``out/preview.png`` and ``out/report.json`` (copies of the run's, where a user
+    looks first), ``out/labeled/``, ``out/latents.safetensors`` and ``out/run.json``.
     """
     out = Path(out)
     for needed in (DEFAULT_GENERATOR, DEMO_ENCODER):
@@ -55,6 +55,8 @@ def run_demo(out: PathLike, device: str = "auto", n: int = 1000, progress: bool 
     atomic_write_bytes(config_path, dump_toml(demo_config(out, device, n)).encode())
     record = run_pipeline(load_config(config_path), progress=progress)
     shards = out / "shards"
-    print(f"labeler: {out / 'labeler.safetensors'}\ncorpus:  {shards} (preview {shards / 'preview.png'}, "
-          f"report {shards / 'report.json'})")
+    for name in ("preview.png", "report.json"):
+        atomic_write_bytes(out / name, (shards / name).read_bytes())
+    print(f"labeler: {out / 'labeler.safetensors'}\ncorpus:  {shards}\npreview: {out / 'preview.png'}\n"
+          f"report:  {out / 'report.json'}")
     return record

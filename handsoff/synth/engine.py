@@ -17,7 +17,8 @@ Several processes (torchrun): the shards still to do are dealt round-robin to th
 each rank writes its shards and lists them in its own manifest part
 (``manifest.part-RANK.json``, replaced atomically after each shard); after a barrier rank 0
 merges the parts into ``manifest.json``. Rank 0 also merges parts left by a killed run
-before planning, so nothing finished is lost and nothing partial is listed.
+before planning, so nothing finished is lost and nothing partial is listed. Several machines
+must write into one shared folder (the lock is rank 0's ``flock``; NFS needs working locks).
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ from handsoff.synth.settings import GenerateSettings
 from handsoff.synth.writer import BackgroundWriter
 from handsoff.utils.io import PathLike, atomic_write_bytes, sha256_file
 
-__all__ = ["LabelFn", "LabelerInfo", "ShardPlan", "GenerateResult", "plan_shards", "drop_count", "filter_mask", "wanted_indices",
-           "corpus_identity", "generate_corpus", "REPORT_NAME", "PREVIEW_NAME"]
+__all__ = ["LabelFn", "LabelerInfo", "ShardPlan", "GenerateResult", "plan_shards", "drop_count", "filter_mask",
+           "wanted_indices", "corpus_identity", "generate_corpus", "REPORT_NAME", "PREVIEW_NAME"]
 
 #: ``label_fn(ws) -> (images uint8 [B, H, W, 3], LabelPrediction)``: synthesises and labels W+ codes.
 LabelFn = Callable[[torch.Tensor], "tuple[np.ndarray, LabelPrediction]"]

@@ -140,7 +140,8 @@ def config_from_dict(data: Mapping[str, Any], base: Path = Path("."), source: st
                             f"give one or the other")
     return PipelineConfig(
         out=path(data["out"]), generator=path(data.get("generator", DEFAULT_GENERATOR)),
-        device=str(data.get("device", "auto")), threads=_threads(data.get("threads"), source), labeled=None if labeled_path is None else path(labeled_path),
+        device=str(data.get("device", "auto")), threads=_threads(data.get("threads"), source),
+        labeled=None if labeled_path is None else path(labeled_path),
         render=render, encoder=None if encoder_path is None else path(encoder_path), fit_encoder=encoder,
         invert=_table(data, "invert", source), labeler=_table(data, "labeler", source),
         generate=_table(data, "generate", source), source=source)
@@ -270,7 +271,8 @@ def _fit_encoder_stage(config: PipelineConfig, paths: _Paths, models: _Models, p
         checkpoint.unlink(missing_ok=True)
 
     inputs = {"generator": config.generator, **({"labeled": paths.labeled} if use_images else {})}
-    return Stage("fit-encoder", paths.encoder, run, inputs=inputs, settings={**kwargs, "use_labeled_images": use_images})
+    return Stage("fit-encoder", paths.encoder, run, inputs=inputs,
+                 settings={**kwargs, "use_labeled_images": use_images})
 
 
 def _invert_stage(config: PipelineConfig, paths: _Paths, models: _Models, progress: bool) -> Stage:
@@ -300,7 +302,7 @@ def _fit_labeler_stage(config: PipelineConfig, paths: _Paths, models: _Models, p
     from handsoff.label.train import fit_labeler
 
     kwargs = _kwargs(fit_labeler, config.labeler, "labeler", config.source,
-                     reserved=("G", "ws", "labels", "device", "progress"))
+                     reserved=("G", "ws", "labels", "device", "progress", "callback"))
 
     def run() -> None:
         from handsoff.data.labeled_set import read_labeled_set
@@ -377,7 +379,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True,
                 timings[stage.name] = round(time.perf_counter() - began, 2)
     finally:
         torch.set_num_threads(threads)
-    record = {"config": config.source, "ran": list(timings), "skipped": [s.name for s in stages if s.name not in timings],
+    record = {"config": config.source, "ran": list(timings),
+              "skipped": [s.name for s in stages if s.name not in timings],
               "seconds": timings, "total_seconds": round(time.perf_counter() - start, 2),
               "cpu_seconds": round(time.process_time() - cpu_start, 2), "threads": config.threads,
               "outputs": {s.name: str(s.output) for s in stages}}
