@@ -59,6 +59,17 @@ def test_easy_task_is_learned(G, easy, trained):
     assert scores["tasks"] == ["seg", "keypoints", "depth"] and scores["depth"]["pixels"].startswith("foreground")
 
 
+def test_keypoint_confidence_is_calibrated_on_the_training_points(G, easy, trained):
+    ws, labels = easy
+    labeler, _ = trained
+    assert 0 < labeler.config.keypoint_peak < 1  # smooth heatmaps never reach the target's peak of 1
+    _, prediction = label_ws(G, labeler, ws)
+    visible = labels.keypoints[..., 2] > 0.5
+    confidence = prediction.keypoints[..., 2]
+    assert confidence[visible].mean() > 0.8  # ~1 before clipping, by construction of the calibration
+    assert confidence.min() >= 0 and confidence.max() <= 1
+
+
 def test_seed_determinism_and_member_independence(G, easy):
     ws, labels = easy
     a = fit_labeler(G, ws, labels, steps=3, batch_pixels=64, seed=5, **FAST)

@@ -122,15 +122,16 @@ def _parabola_vertex(left: Tensor, centre: Tensor, right: Tensor) -> tuple[Tenso
     return 0.5 * (left - right) / torch.where(peaked, curvature, -torch.ones_like(curvature)), peaked
 
 
-def decode_heatmaps(heatmaps: Tensor) -> Tensor:
+def decode_heatmaps(heatmaps: Tensor, peak_scale: float = 1.0) -> Tensor:
     """Sub-pixel keypoints from heatmaps in [0, 1].
 
     Args:
         heatmaps: ``[N, K, H, W]``.
+        peak_scale: the heatmap peak that means full confidence (`LabelerConfig.keypoint_peak`).
 
     Returns:
         float32 ``[N, K, 3]``: x, y in pixels (pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``)
-        and the confidence (peak value clipped to [0, 1]). The parabola is fitted to the three
+        and the confidence (peak value / ``peak_scale``, clipped to [0, 1]). The parabola is fitted to the three
         samples centred on the argmax (shifted inwards at the border) and its vertex is kept
         inside the argmax pixel. See the module docstring.
     """
@@ -151,7 +152,7 @@ def decode_heatmaps(heatmaps: Tensor) -> Tensor:
     i, j = index // w, index % w
     x = refine(j, w, 1, i * w)
     y = refine(i, h, w, j)
-    return torch.stack([x, y, peak.clamp(0.0, 1.0)], -1).float()
+    return torch.stack([x, y, (peak / peak_scale).clamp(0.0, 1.0)], -1).float()
 
 
 # --------------------------------------------------------------------------- depth
@@ -260,7 +261,7 @@ class PredictionBuilder:
             pred.seg_uncertainty = self.js.cpu().numpy()
             scores["seg_js"] = top_fraction_mean(self.js).cpu().numpy().astype(np.float32)
         if self.heat is not None:
-            pred.keypoints = decode_heatmaps(self.heat).cpu().numpy()
+            pred.keypoints = decode_heatmaps(self.heat, self.config.keypoint_peak).cpu().numpy()
             scores["keypoints_spread"] = self._keypoint_spread().cpu().numpy().astype(np.float32)
         if self.depth is not None:
             pred.depth = self.depth.cpu().numpy()

@@ -71,6 +71,11 @@ class LabelerConfig:
         depth: whether the labeler predicts depth.
         depth_log_mean, depth_log_std: normalisation of log-depth (from the training labels).
         keypoint_sigma: heatmap sigma in label pixels (None = `default_keypoint_sigma`).
+        keypoint_peak: the mean ensemble heatmap peak at the visible keypoints of the training
+            images, measured after training; keypoint confidence = peak / keypoint_peak, clipped
+            to [0, 1]. Per-pixel MLPs give smooth heatmaps whose peaks stay well below the
+            target's 1, so without this calibration a well-found point would read as 0.2-0.4
+            and downstream "confidence >= 0.5" rules would drop every point.
     """
 
     feature_shapes: tuple[tuple[int, int], ...]
@@ -84,6 +89,7 @@ class LabelerConfig:
     depth_log_mean: float = 0.0
     depth_log_std: float = 1.0
     keypoint_sigma: Optional[float] = None
+    keypoint_peak: float = 1.0
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -110,6 +116,8 @@ class LabelerConfig:
             raise ValueError("segmentation needs at least two classes")
         if not (self.depth_log_std > 0 and math.isfinite(self.depth_log_mean)) or not self.keypoint_sigma > 0:
             raise ValueError("depth_log_std and keypoint_sigma must be positive, depth_log_mean finite")
+        if not 0 < self.keypoint_peak <= 1:
+            raise ValueError(f"keypoint_peak must be in (0, 1], got {self.keypoint_peak}")
 
     # ------------------------------------------------------------------ derived
     @property

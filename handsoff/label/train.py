@@ -21,7 +21,7 @@ mIoU (0.47-0.48) with 250, 500 or 1000 steps of 1024 pixels and with 1000 x 512 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -229,7 +229,19 @@ def fit_labeler(G: torch.nn.Module, ws: Tensor, labels: LabeledSet, *, tasks: Op
     sampler = _PixelSampler(targets, len(labels), resolution, ensemble, seed, class_balanced, config.keypoint_sigma)
     bank = feature_bank(G, ws, layer_list, resolution, device)
     _train(labeler, bank, sampler, targets, steps, batch_pixels, lr, progress, callback)
-    return labeler.eval()
+    labeler.eval()
+    if config.keypoint_names:
+        labeler.config = replace(config, keypoint_peak=_keypoint_peak(G, labeler, ws, maps.keypoints))
+    return labeler
+
+
+def _keypoint_peak(G: torch.nn.Module, labeler: HypercolumnLabeler, ws: Tensor, keypoints: np.ndarray) -> float:
+    """Mean uncalibrated confidence (heatmap peak) at the visible training keypoints, in (0, 1]."""
+    peaks = [labeler.predict(features).keypoints[..., 2]
+             for _, _, features in synthesis_chunks(G, ws, batch_size=8)]
+    visible = np.asarray(keypoints)[..., 2] > 0.5
+    peak = float(np.concatenate(peaks)[visible].mean()) if visible.any() else 1.0
+    return min(1.0, max(peak, 1e-3))
 
 
 def _train(labeler: HypercolumnLabeler, bank: FeatureBank, sampler: _PixelSampler, targets: _Targets, steps: int,
