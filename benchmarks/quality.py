@@ -15,8 +15,9 @@ downstream model (`handsoff.bench`, one fixed schedule) on:
   ``last-layers`` (labeler on the last two feature maps only);
 * ``oracle``: 10,000 real rendered labeled images (augmented), trained with one seed per draw;
 
-(ablations run at 16 labeled images unless ``--ablation-sizes 16 50``: each costs a 10,000-image
-corpus per draw, the study's most expensive stage on a CPU)
+(ablations run on the first draw of 16 labeled images unless ``--ablation-sizes 16 50`` /
+``--ablation-draws 3``: each costs a 10,000-image corpus per draw, the study's most expensive
+stage on a CPU; they are reported as paired differences from ``handsoff`` on the same draws)
 
 and scores every model on 1,000 held-out rendered test images (a seed no stage sees), for
 every task of the domain (seg, keypoints, depth). Within a draw every arm uses the same
@@ -31,7 +32,9 @@ generator's Fréchet distance against the floor of two real sets.
 
 Every intermediate artefact (rendered sets, encoders, latents, labelers, corpora, each
 training's result) is cached under ``--work``, named by a digest of the settings it depends
-on, so a rerun skips finished work and a changed setting redoes only what depends on it.
+on (a training also by the digests of the training code and of its corpus's manifest), so a
+rerun skips finished work and a changed setting redoes only what depends on it. Changes to
+upstream code (encoder, labeler, engine) are not tracked: delete the work folder after them.
 
     python benchmarks/quality.py                     # the full study (hours on a 2-core CPU)
     python benchmarks/quality.py --quick             # under 15 minutes: 16 images, 1 draw, 1,000 generated
@@ -107,6 +110,7 @@ class Settings:
 
     sizes: tuple[int, ...] = (16, 50)
     ablation_sizes: tuple[int, ...] = (16,)
+    ablation_draws: int = 1
     draws: int = 3
     arms: tuple[str, ...] = ARMS
     tasks: tuple[str, ...] = ("seg", "keypoints", "depth")
@@ -131,15 +135,26 @@ class Settings:
         return {"steps": self.steps, "batch": self.batch, "lr": self.lr, "width": self.width}
 
 
-QUICK = Settings(sizes=(16,), ablation_sizes=(16,), draws=1, arms=("baseline", "handsoff", "handsoff-filtered", "oracle"), n_generated=1000,
-                 test_n=300, oracle_n=1000, heldout_n=32, steps=200, refine_steps=20, labeler_steps=300,
-                 ensemble=3, encoder_steps=300, encoder_lpips_steps=50, fd_samples=0)
+#: ``--quick``: a smoke run of every stage in about 10 minutes on a 2-core CPU, not a measurement.
+QUICK = Settings(sizes=(16,), ablation_sizes=(16,), ablation_draws=1, draws=1,
+                 arms=("baseline", "handsoff", "handsoff-filtered", "oracle"), n_generated=1000, test_n=300,
+                 oracle_n=1000, heldout_n=32, steps=200, refine_steps=20, labeler_steps=300, ensemble=3,
+                 encoder_steps=300, encoder_lpips_steps=50, fd_samples=500)
 
 
 def _key(**parts: Any) -> str:
     """Short digest of settings: names cached artefacts so a changed setting gets a new file."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _bench_code_digest() -> str:
+    """Digest of the downstream training code: a changed model, loss or augmentation gets new runs."""
+    import handsoff.bench
+    import handsoff.data.folder_dataset as folder_dataset
+
+    files = sorted(Path(handsoff.bench.__file__).parent.glob("*.py")) + [Path(folder_dataset.__file__)]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:10]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -225,6 +240,11 @@ class Study:
 
         return self._once("G", lambda: load_generator(self.generator_path, device=self.device))
 
+    def generator_digest(self) -> str:
+        from handsoff.gan.digest import generator_digest
+
+        return self._once("G digest", lambda: generator_digest(self.generator()))
+
     def lpips(self) -> torch.nn.Module:
         from handsoff.invert.lpips import load_lpips
 
@@ -249,7 +269,8 @@ class Study:
 
     def _fitted_encoder(self, name: str, steps: int, lpips_steps: int) -> Path:
         """An encoder fitted here (cached): ``steps`` supervised steps, then ``lpips_steps`` LPIPS steps."""
-        path = self.work / "encoders" / f"{name}-{_key(steps=steps, lpips_steps=lpips_steps)}.safetensors"
+        key = _key(steps=steps, lpips_steps=lpips_steps, generator=self.generator_digest())
+        path = self.work / "encoders" / f"{name}-{key}.safetensors"
         if not path.is_file():
             from handsoff.invert.encoder import save_encoder
             from handsoff.invert.train import fit_encoder
@@ -267,11 +288,10 @@ class Study:
     def _latents_key(self, pipeline: Pipeline, images: Path) -> str:
         _, encoder_digest = self.encoder(pipeline.encoder)
         return _key(encoder=encoder_digest, refine=self.s.refine_steps if pipeline.refine else 0,
-                    w_only=pipeline.w_only, images=images.name)
+                    w_only=pipeline.w_only, images=images.name, generator=self.generator_digest())
 
     def latents(self, pipeline: Pipeline, images: Path) -> tuple[torch.Tensor, dict[str, Any]]:
         """W+ codes of the folder's images under ``pipeline``'s inversion, and its LPIPS/PSNR."""
-        from handsoff.gan.digest import generator_digest
         from handsoff.invert.invert import invert_images
         from handsoff.invert.latents import Latents, load_latents, save_latents
 
@@ -289,7 +309,7 @@ class Study:
             stats = {"lpips_mean": float(np.mean(result.lpips)), "psnr_mean": float(np.mean(result.psnr)),
                      "lpips": result.lpips.tolist(), "psnr": result.psnr.tolist()}
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_latents(path, Latents(result.ws, list(labeled.names), generator_digest(self.generator()), stats))
+            save_latents(path, Latents(result.ws, list(labeled.names), self.generator_digest(), stats))
         latents = load_latents(path)
         return latents.ws, latents.extra
 
@@ -347,13 +367,16 @@ class Study:
         tag = f"{arm}-n{n}-d{draw}-{task}" if n is not None else f"{arm}-d{draw}-{task}"
         data_key = {"arm": arm, "n": n, "draw": draw}
         if arm in GENERATED_ARMS:
-            data_key.update(pipeline=asdict(PIPELINES[ARM_PIPELINE[arm]]), n_generated=self.s.n_generated,
-                            refine=self.s.refine_steps, labeler=(self.s.labeler_steps, self.s.ensemble),
-                            quantile=self.s.filter_quantile if arm == "handsoff-filtered" else None,
-                            encoder=self.encoder(PIPELINES[ARM_PIPELINE[arm]].encoder)[1])
+            # The corpus's own manifest (shard digests) names it: a regenerated corpus gets new runs.
+            from handsoff.utils.io import sha256_file
+
+            corpus = self.corpus(PIPELINES[ARM_PIPELINE[arm]], self.labeled(n, draw), seed=draw)
+            data_key.update(corpus=sha256_file(corpus / "manifest.json"),
+                            quantile=self.s.filter_quantile if arm == "handsoff-filtered" else None)
         elif arm == "oracle":
             data_key.update(oracle_n=self.s.oracle_n)
-        path = self.work / "runs" / f"{tag}-{_key(data=data_key, train=self.s.training(), test=self.s.test_n)}.json"
+        key = _key(data=data_key, train=self.s.training(), test=self.s.test_n, code=_bench_code_digest())
+        path = self.work / "runs" / f"{tag}-{key}.json"
 
         def make() -> dict[str, Any]:
             data = self.train_set(arm, n if n is not None else self.s.sizes[0], draw)
@@ -391,13 +414,15 @@ class Study:
 
     def generator_fd(self) -> dict[str, Any]:
         """Fréchet distance of the generator's samples and, as its floor, of two disjoint real sets."""
-        path = self.work / "diagnostics" / f"fd-{_key(generator=str(self.generator_path), n=self.s.fd_samples)}.json"
+        path = self.work / "diagnostics" / f"fd-{_key(generator=self.generator_digest(), n=self.s.fd_samples)}.json"
 
         def make() -> dict[str, Any]:
             from handsoff.gan.training.quality import (QualityEvaluator, feature_statistics,
-                                                       frechet_distance_from_stats, get_feature_extractor)
+                                                       frechet_distance_from_stats, get_feature_extractor,
+                                                       user_cache_dir)
 
-            extractor = get_feature_extractor(self.device, [self.work / "fd-cache"])
+            # The user cache first: the same feature network as the GAN trainer's FD figures.
+            extractor = get_feature_extractor(self.device, [user_cache_dir(), self.work / "fd-cache"])
             if extractor is None:
                 return {"skipped": "no feature extractor"}
             n = self.s.fd_samples
@@ -497,7 +522,7 @@ def markdown(table: dict[str, Any], verdicts: dict[str, Any], settings: Settings
     lines.append("")
     for task, verdict in verdicts.items():
         for arm in HEADLINE_ARMS:
-            if arm not in verdict:
+            if arm not in verdict or arm not in settings.arms:
                 continue
             parts = []
             for n, v in verdict[arm]["by_labeled"].items():
@@ -510,6 +535,32 @@ def markdown(table: dict[str, Any], verdicts: dict[str, Any], settings: Settings
             lines.append(f"- **{task}**, {arm}: claim {'holds' if verdict[arm]['holds'] else 'does NOT hold'} "
                          f"({'; '.join(parts)})")
     return "\n".join(lines)
+
+
+def ablation_deltas(runs: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """``deltas[task][arm][n]``: mean over the ablation's draws of (ablation - handsoff) on the same draw."""
+    value = {(r["extra"]["arm"], r["extra"]["labeled"], r["extra"]["draw"], r["task"]): r["primary_metric"]["value"]
+             for r in runs}
+    out: dict[str, Any] = {}
+    for (arm, n, draw, task), v in value.items():
+        base = value.get(("handsoff", n, draw, task))
+        if arm in ABLATION_ARMS and base is not None:
+            out.setdefault(task, {}).setdefault(arm, {}).setdefault(str(n), []).append(v - base)
+    return {task: {arm: {n: {"mean": float(np.mean(d)), "draws": len(d)} for n, d in by_n.items()}
+                   for arm, by_n in arms.items()} for task, arms in out.items()}
+
+
+def ablation_markdown(deltas: dict[str, Any], settings: Settings) -> str:
+    """Ablations as paired differences from handsoff (same labeled images, same training seed)."""
+    columns = [(task, str(n)) for task in settings.tasks for n in settings.ablation_sizes]
+    header = ["ablation"] + [f"{t} {TASKS[t].primary[0]} n={n}" for t, n in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in ABLATION_ARMS:
+        cells = [deltas.get(t, {}).get(arm, {}).get(n) for t, n in columns]
+        if any(cells):
+            lines.append(f"| {arm} | " + " | ".join("-" if c is None else f"{c['mean']:+.3f} ({c['draws']} draw"
+                                                     f"{'s' if c['draws'] > 1 else ''})" for c in cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -562,6 +613,54 @@ def _num(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def report_text(runs: list[dict[str, Any]], table: dict[str, Any], verdicts: dict[str, Any],
+                deltas: dict[str, Any], diagnosis: Optional[dict[str, Any]], settings: Settings) -> str:
+    """The study's markdown: results table and claims, ablations, and what limits the corpus."""
+    text = markdown(table, verdicts, settings)
+    if deltas:
+        text += "\n\nAblations, as differences from handsoff on the same draws (primary metric):\n\n" + \
+            ablation_markdown(deltas, settings)
+    lines = limits(diagnosis, table, settings)
+    empty = sorted({f"{r['extra']['arm']} {r['task']}" for r in runs if r.get("warnings")})
+    if empty:
+        lines.append(f"- trainings that carried no training signal (e.g. no keypoint with confidence >= 0.5): "
+                     f"{', '.join(empty)}")
+    if lines:
+        text += "\n\nWhat limits it (measured):\n" + "\n".join(lines)
+    return text
+
+
+def _generation_seconds(study: Study) -> float:
+    reports = (study.work / "corpora").glob("*/report.json")
+    return round(sum(json.loads(p.read_text())["this_run"]["seconds"] for p in reports), 1)
+
+
+def estimate(runs: list[dict[str, Any]], study: Study, target: Settings) -> dict[str, Any]:
+    """The time ``target`` (e.g. the full study) would take on this machine, from this run's measured rates.
+
+    Downstream training scales with steps and test images; generation with the corpus
+    engine's measured samples/s (with this run's labeler ensemble: a larger ensemble labels
+    more slowly, so the generation figure is then a lower bound). Inversion and labeler
+    fitting are left out (minutes, against hours for these two).
+    """
+    if not runs:
+        return {}
+    per_step = float(np.median([r["wall_time_s"]["train"] / r["settings"]["steps"] for r in runs]))
+    per_test_image = float(np.median([r["wall_time_s"]["test"] / r["test"]["size"] for r in runs]))
+    todo = cells(target)
+    trainings = len(todo) * len(target.tasks)
+    train_s = trainings * (per_step * target.steps + per_test_image * target.test_n)
+    rates = [json.loads(p.read_text())["samples_per_s"] for p in (study.work / "corpora").glob("*/report.json")]
+    corpora = len({(ARM_PIPELINE[a], n, d) for a, n, d in todo if a in GENERATED_ARMS})
+    gen_rate = float(np.median(rates)) if rates else None
+    gen_s = corpora * target.n_generated / gen_rate if gen_rate else None
+    return {"trainings": trainings, "seconds_per_step": round(per_step, 4), "training_hours": round(train_s / 3600, 2),
+            "corpora": corpora, "generated_per_s": gen_rate, "measured_with_ensemble": study.s.ensemble,
+            "target_ensemble": target.ensemble,
+            "generation_hours": None if gen_s is None else round(gen_s / 3600, 2),
+            "total_hours": None if gen_s is None else round((train_s + gen_s) / 3600, 2)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 
@@ -591,6 +690,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         "2 on an idle 2-core machine halves the study's training time)")
     p.add_argument("--ablation-sizes", type=int, nargs="+",
                    help="numbers of labeled images the ablations run at (default: 16)")
+    p.add_argument("--ablation-draws", type=int, help="draws the ablations run on (default: 1, the first)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1; on a shared 2-core machine two threads ran 10x slower)")
@@ -608,6 +708,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                  "arms": tuple(a for a in ARMS if a in args.arms) if args.arms else None,
                  "tasks": tuple(args.tasks) if args.tasks else None, "n_generated": args.n_generated,
                  "ablation_sizes": tuple(args.ablation_sizes) if args.ablation_sizes else None,
+                 "ablation_draws": args.ablation_draws,
                  "steps": args.steps, "batch": args.batch, "width": args.width, "refine_steps": args.refine_steps,
                  "labeler_steps": args.labeler_steps,
                  "encoder_steps": args.encoder_steps, "test_n": args.test_n, "oracle_n": args.oracle_n}
@@ -622,8 +723,10 @@ def cells(settings: Settings) -> list[tuple[str, Optional[int], int]]:
     """Every (arm, labeled images, draw) of the study; the oracle has no labeled images."""
     out: list[tuple[str, Optional[int], int]] = []
     for arm in settings.arms:
-        sizes = [None] if arm == "oracle" else settings.ablation_sizes if arm in ABLATION_ARMS else settings.sizes
-        out += [(arm, n, d) for n in sizes for d in range(settings.draws)]
+        ablation = arm in ABLATION_ARMS
+        sizes = [None] if arm == "oracle" else settings.ablation_sizes if ablation else settings.sizes
+        draws = min(settings.ablation_draws, settings.draws) if ablation else settings.draws
+        out += [(arm, n, d) for n in sizes for d in range(draws)]
     return out
 
 
@@ -716,14 +819,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     verdicts = claims(table, settings)
     generated_ran = any(r["extra"]["arm"] in GENERATED_ARMS for r in runs)
     diagnosis = _diagnose(study, settings, verdicts) if generated_ran else None
-    text = markdown(table, verdicts, settings)
-    limit_lines = limits(diagnosis, table, settings)
-    empty = sorted({f"{r['extra']['arm']} {r['task']}" for r in runs if r.get("warnings")})
-    if empty:
-        limit_lines.append(f"- trainings that carried no training signal (e.g. no keypoint with confidence >= 0.5): "
-                           f"{', '.join(empty)}")
-    if limit_lines:
-        text += "\n\nWhat limits it (measured):\n" + "\n".join(limit_lines)
+    deltas = ablation_deltas(runs, settings)
+    text = report_text(runs, table, verdicts, deltas, diagnosis, settings)
 
     record = {
         "benchmark": "quality: downstream models trained on HandsOff corpora vs the labeled images vs real data",
@@ -735,8 +832,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "generator": str(args.generator), "encoders": study.encoder_files,
         "load_average": {"before": load_before, "after": load_average()},
         "wall_time_s": round(time.perf_counter() - started, 1), "stage_seconds": study.seconds,
+        # What the results cost, including work cached by earlier invocations:
+        "compute_seconds": {"downstream": round(sum(r["wall_time_s"]["total"] for r in runs), 1),
+                            "generate_every_corpus_in_work": _generation_seconds(study)},
         "skipped_arms": skipped,
-        "table": table, "claims": verdicts, "diagnosis": diagnosis, "markdown": text,
+        "full_study_estimate_one_job": estimate(runs, study, Settings()) if args.quick else None,
+        "table": table, "ablations_vs_handsoff": deltas, "claims": verdicts, "diagnosis": diagnosis, "markdown": text,
         "runs": [{"arm": r["extra"]["arm"], "labeled": r["extra"]["labeled"], "draw": r["extra"]["draw"],
                   "task": r["task"], "metrics": r["metrics"], "train_size": r["train_size"],
                   "supervised_fraction": r.get("supervised_fraction"), "warnings": r.get("warnings", []),

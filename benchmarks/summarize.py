@@ -105,6 +105,12 @@ def _quality(r: dict[str, Any]) -> Iterator[Row]:
                 yield Row(f"quality ({profile})", f"{task} {metric}, {arm}, {n} labeled",
                           f"{_num(v['handsoff'])} (oracle {_num(v['oracle'])})", f"baseline {_num(v['baseline'])}",
                           v["gap_closed"])
+    est = r.get("full_study_estimate_one_job")
+    if est and est.get("total_hours") is not None:
+        yield Row(f"quality ({profile})", f"full study, estimated from this run's rates ({est['trainings']} trainings, "
+                  f"{est['corpora']} corpora, one job)", f"{est['total_hours']} h",
+                  f"training {est['training_hours']} h + generation {est['generation_hours']} h "
+                  f"(at {est['generated_per_s']} img/s, ensemble {est['measured_with_ensemble']})")
     if not r["claims"] or all(not any(arm in v for arm in ("handsoff", "handsoff-filtered"))
                               for v in r["claims"].values()):
         for task, arms in r["table"].items():
@@ -124,17 +130,24 @@ def _downstream(r: dict[str, Any]) -> Iterator[Row]:
 
 
 def _labeler(r: dict[str, Any]) -> Iterator[Row]:
-    for key, value in _flat(r.get("results", r)):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield Row("labeler", key, _num(float(value)))
-
-
-def _flat(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _flat(v, f"{prefix}{k} " if prefix or k else prefix)
-    else:
-        yield prefix.strip(), d
+    for res, row in r["inference"].items():
+        fact, naive = row["factorised"], row["naive"]
+        yield Row("labeler", f"inference {res}px, factorised hypercolumns ({row['hypercolumn_channels']} channels)",
+                  f"{_num(fact['cpu_seconds'])} CPU-s/img", f"naive stack {_num(naive['cpu_seconds'])} CPU-s/img",
+                  naive["cpu_seconds"] / fact["cpu_seconds"])
+        yield Row("labeler", f"inference {res}px, peak memory", f"{fact['peak_bytes'] / 2**20:.0f} MiB",
+                  f"naive stack {naive['peak_bytes'] / 2**20:.0f} MiB", naive["peak_bytes"] / fact["peak_bytes"])
+        t = row.get("throughput")
+        if t:
+            yield Row("labeler", f"generator + labeler {res}px, batch {t['batch']}",
+                      f"{_num(t['labeled_img_per_s'])} img/s", f"generator only {_num(t['generator_img_per_s'])} img/s",
+                      t["labeled_img_per_s"] / t["generator_img_per_s"])
+    train = r.get("training")
+    if train:
+        yield Row("labeler", f"training peak RSS, {train['images']} images at {train['resolution']}px",
+                  f"{train['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  f"naive hypercolumn matrix {train['naive_matrix_bytes'] / 2**30:.1f} GiB",
+                  train["naive_matrix_bytes"] / train["peak_rss_bytes"])
 
 
 #: How each results file becomes rows, by the file name's first word; the ratio's meaning.
@@ -143,7 +156,8 @@ READERS: dict[str, tuple[Callable[[dict[str, Any]], Iterator[Row]], str, str]] =
     "generator": (_generator, "compiled img/s / reference img/s", "python benchmarks/generator.py"),
     "domain": (_domain, "img/s / single-thread img/s (or / target)", "python benchmarks/domain.py"),
     "inversion": (_inversion, "first stage's LPIPS / this stage's LPIPS", "python benchmarks/inversion.py"),
-    "labeler": (_labeler, "-", "python benchmarks/labeler.py"),
+    "labeler": (_labeler, "naive / factorised (time, memory); labeled / generator-only img/s",
+                "python benchmarks/labeler.py"),
     "generate": (_generate, "img/s / generator-only img/s", "python benchmarks/generate.py"),
     "downstream": (_downstream, "img/CPU-s / the default model's", "python benchmarks/downstream.py"),
     "quality": (_quality, "share of the baseline-to-oracle gap closed", "python benchmarks/quality.py"),

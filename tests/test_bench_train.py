@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from handsoff.bench.data import filter_by_uncertainty, open_train_set
 from handsoff.bench.train import train_and_score
@@ -81,6 +81,12 @@ def test_real_corpus_filters_and_mixes(sets, tmp_path):
 
     corpus = _write_corpus(sets["train"], tmp_path / "corpus")
     assert isinstance(open_train_set(corpus), ShardDataset)
+    # Same keys, shapes and dtypes: torch's own ConcatDataset + default collation mix them.
+    mixed = ConcatDataset([ShardDataset(corpus), LabeledFolderDataset(sets["train"], augment=True)])
+    batch = next(iter(DataLoader(mixed, batch_size=20, shuffle=False)))
+    assert batch["image"].shape == (20, 3, SIZE, SIZE) and batch["image"].dtype == torch.uint8
+    assert batch["seg"].dtype == torch.int64 and batch["depth"].dtype == torch.float32
+    assert batch["keypoints"].shape[1:] == (10, 3) and batch["seed"][:8].min() >= 100 and batch["seed"][8] == -1
     kept = open_train_set(corpus, max_uncertainty_quantile=0.5)
     assert len(kept) == 4 and all(float(kept[i]["uncertainty"]) <= 0.5 for i in range(4))
     out = tmp_path / "r.json"

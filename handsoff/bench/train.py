@@ -219,6 +219,8 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
                      "schedule": f"linear warm-up over {WARMUP_FRACTION:.0%} of the steps, then cosine to 0",
                      "model": {"arch": arch, "base": base, "levels": levels,
                                "parameters": count_parameters(model)},
+                     "output_calibration": ({"scale": float(model.scale), "shift": float(model.shift)}
+                                            if isinstance(model, OutputAffine) else None),
                      "torch_threads": torch.get_num_threads()},
         "train_sets": [describe(d) for d in train_sets],
         "train_size": int(len(data)),

@@ -23,8 +23,9 @@ Augmentation (``augment=True``), drawn per item, labels transformed with the ima
 * random scale and crop: zoom by s, log-uniform in [1/1.25, 1.25], at a random offset that
   keeps the frame inside the zoomed image (s >= 1) or the zoomed image inside the frame
   (s < 1). One affine warp: bilinear for the image, nearest for seg and depth (a depth
-  value stays on its own surface). Uncovered pixels are black with seg 255 (ignored) and
-  depth NaN. Depth values are not rescaled (the built-in domain's camera is orthographic).
+  value stays on its own surface). Uncovered pixels are black (before the colour jitter),
+  seg 255 (ignored) and depth NaN. Depth values are not rescaled (the built-in domain's
+  camera is orthographic).
   A keypoint that leaves the frame becomes invisible;
 * colour jitter: brightness, contrast and saturation factors uniform in [0.8, 1.2].
 

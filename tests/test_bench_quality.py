@@ -1,0 +1,93 @@
+"""The quality study's bookkeeping (aggregation, the claim, the markdown) and benchmarks/summarize.py."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+quality = _load("quality")
+summarize = _load("summarize")
+
+
+def _run(arm, n, draw, task, value):
+    metric = {"seg": "miou", "keypoints": "pck@0.05", "depth": "rmse"}[task]
+    return {"task": task, "extra": {"arm": arm, "labeled": n, "draw": draw}, "metrics": {metric: value},
+            "primary_metric": {"name": metric, "value": value}, "train_size": 10, "supervised_fraction": 1.0}
+
+
+def test_claim_uses_the_gap_and_the_metric_direction():
+    settings = quality.Settings(sizes=(16,), draws=2, arms=("baseline", "handsoff", "handsoff-filtered", "oracle"),
+                                tasks=("seg", "depth"))
+    values = {  # seg: higher is better; depth RMSE: lower is better
+        ("seg", "baseline"): [0.40, 0.42], ("seg", "handsoff"): [0.47, 0.49],
+        ("seg", "handsoff-filtered"): [0.43, 0.43], ("seg", "oracle"): [0.51, 0.53],
+        ("depth", "baseline"): [1.0, 1.2], ("depth", "handsoff"): [0.8, 0.8],
+        ("depth", "handsoff-filtered"): [1.3, 1.3], ("depth", "oracle"): [0.5, 0.7],
+    }
+    runs = [_run(arm, None if arm == "oracle" else 16, d, task, v[d])
+            for (task, arm), v in values.items() for d in (0, 1)]
+    table = quality.aggregate(runs, settings)
+    assert table["seg"]["baseline"]["16"]["primary"]["mean"] == pytest.approx(0.41)
+    assert table["seg"]["baseline"]["16"]["primary"]["std"] == pytest.approx(0.0141421, rel=1e-4)
+    verdicts = quality.claims(table, settings)
+    seg = verdicts["seg"]["handsoff"]["by_labeled"]["16"]
+    assert seg["gap_closed"] == pytest.approx((0.48 - 0.41) / (0.52 - 0.41)) and verdicts["seg"]["handsoff"]["holds"]
+    assert not verdicts["seg"]["handsoff-filtered"]["holds"]  # beats the baseline but closes 18% of the gap
+    depth = verdicts["depth"]["handsoff"]["by_labeled"]["16"]
+    assert depth["beats_baseline"] and depth["gap_closed"] == pytest.approx(0.3 / 0.5)
+    assert not verdicts["depth"]["handsoff-filtered"]["by_labeled"]["16"]["beats_baseline"]
+    text = quality.markdown(table, verdicts, settings)
+    assert "| handsoff | 0.480 ± 0.014 |" in text and "claim holds" in text and "does NOT hold" in text
+
+
+def test_missing_arms_do_not_count_as_holding():
+    settings = quality.Settings(sizes=(16,), draws=1, arms=("baseline", "oracle"), tasks=("seg",))
+    runs = [_run("baseline", 16, 0, "seg", 0.4), _run("oracle", None, 0, "seg", 0.5)]
+    verdicts = quality.claims(quality.aggregate(runs, settings), settings)
+    assert verdicts["seg"]["handsoff"] == {"holds": False, "by_labeled": {"16": {"missing": ["handsoff"]}}}
+
+
+def test_ablations_run_at_their_own_sizes():
+    settings = quality.Settings(sizes=(16, 50), ablation_sizes=(16,), ablation_draws=2, draws=3,
+                                arms=("baseline", "handsoff", "no-refine", "oracle"), tasks=("seg",))
+    todo = quality.cells(settings)
+    assert [c for c in todo if c[0] == "no-refine"] == [("no-refine", 16, 0), ("no-refine", 16, 1)]
+    assert [c for c in todo if c[0] == "oracle"] == [("oracle", None, 0), ("oracle", None, 1), ("oracle", None, 2)]
+    assert len([c for c in todo if c[0] == "baseline"]) == 6
+
+    runs = [_run("handsoff", 16, d, "seg", 0.5 + d / 10) for d in range(3)]
+    runs += [_run("no-refine", 16, d, "seg", 0.45 + d / 10) for d in range(2)]
+    deltas = quality.ablation_deltas(runs, settings)
+    assert deltas["seg"]["no-refine"]["16"] == {"mean": pytest.approx(-0.05), "draws": 2}
+    assert "| no-refine | -0.050 (2 draws) |" in quality.ablation_markdown(deltas, settings)
+
+
+def test_summary_regenerates_only_its_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# B\n\nprose\n\n{summarize.BEGIN}\nold figures\n{summarize.END}\n\ntail\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "domain-cpu.json").write_text(
+        '{"device": "cpu: X", "date": "2026-01-02T00:00:00", "target_64": 500,'
+        ' "img_per_s": {"64": {"threads=1": {"best": 400.0}, "processes=2": {"best": 600.0}}}}')
+    (results / "mystery-cpu.json").write_text('{"device": "cpu: X", "date": "2026-01-02"}')
+    text = summarize.update(readme, summarize.render(results))
+    assert text.startswith("# B\n\nprose\n") and text.endswith("\n\ntail\n") and "old figures" not in text
+    row = "| domain | heads 64px, processes=2 | 600 labeled img/s | 1 thread 400 img/s | 1.50 | cpu: X | 2026-01-02 |"
+    assert row in text
+    assert "| mystery | mystery-cpu.json | no summary for this benchmark yet |" in text
