@@ -1,24 +1,19 @@
-"""Labeled-set readers and writers (the folder format of DESIGN.md section 6) and the
-generated-corpus reader `ShardDataset` (imported lazily: it needs torch and h5py)."""
+"""Labeled-set readers and writers (the folder format of DESIGN.md section 6), and two torch
+Datasets with the same item dicts: `ShardDataset` over a generated corpus and
+`LabeledFolderDataset` over a labeled-set folder (both imported lazily: they need torch/h5py)."""
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from handsoff.data.labeled_set import (
-                                       IGNORE_INDEX,
-                                       IMAGE_SUFFIXES,
-                                       LabeledSet,
-                                       read_labeled_set,
-                                       render_to_folder,
-                                       write_labeled_set,
-)
+from handsoff.data.labeled_set import (IGNORE_INDEX, IMAGE_SUFFIXES, LabeledSet, read_labeled_set, render_to_folder,
+                                       write_labeled_set)
 
 # Public name -> module, imported on first access.
-_LAZY = {"ShardDataset": "handsoff.data.shards"}
+_LAZY = {"ShardDataset": "handsoff.data.shards", "LabeledFolderDataset": "handsoff.data.folder_dataset"}
 
 __all__ = ["IGNORE_INDEX", "IMAGE_SUFFIXES", "LabeledSet", "read_labeled_set", "render_to_folder", "write_labeled_set",
-           "ShardDataset"]
+           "ShardDataset", "LabeledFolderDataset"]
 
 
 def __getattr__(name: str) -> Any:
