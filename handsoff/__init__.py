@@ -10,8 +10,7 @@ for importing torch::
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from handsoff.utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -27,13 +26,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'handsoff' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

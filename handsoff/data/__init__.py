@@ -3,20 +3,13 @@ Datasets with the same item dicts: `ShardDataset` over a generated corpus and
 `LabeledFolderDataset` over a labeled-set folder (both imported lazily: they need torch/h5py)."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from handsoff.data.labeled_set import (IGNORE_INDEX, IMAGE_SUFFIXES, LabeledSet, read_labeled_set, render_to_folder,
                                        write_labeled_set)
+from handsoff.utils.lazy import lazy_exports
 
 # Public name -> module, imported on first access.
 _LAZY = {"ShardDataset": "handsoff.data.shards", "LabeledFolderDataset": "handsoff.data.folder_dataset"}
 
 __all__ = ["IGNORE_INDEX", "IMAGE_SUFFIXES", "LabeledSet", "read_labeled_set", "render_to_folder", "write_labeled_set",
            "ShardDataset", "LabeledFolderDataset"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'handsoff.data' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

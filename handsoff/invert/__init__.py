@@ -12,8 +12,7 @@ The names below are imported on first access, so importing this package stays ch
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from handsoff.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "Encoder": "handsoff.invert.encoder",
@@ -29,9 +28,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'handsoff.invert' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

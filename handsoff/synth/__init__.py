@@ -16,8 +16,7 @@ Names below are imported lazily (``handsoff --help`` imports nothing heavy).
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from handsoff.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "GenerateSettings": "handsoff.synth.settings",
@@ -33,13 +32,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'handsoff.synth' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -173,8 +173,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the built-in domain end to end: 16 labeled images -> 1,000 generated",
                        description="Render 16 labeled images of the built-in domain, invert them with the shipped "
                                    "encoder, fit a labeler and generate 1,000 labeled images with the shipped "
-                                   "generator: DIR/labeler.safetensors, DIR/shards/ (shards + manifest.json, "
-                                   "preview.png, report.json). A predefined 'handsoff run' config (written to "
+                                   "generator: DIR/labeler.safetensors, DIR/shards/ (shards + manifest.json), "
+                                   "DIR/preview.png and DIR/report.json. A predefined 'handsoff run' config (written to "
                                    "DIR/demo.toml); rerunning skips finished stages.")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
