@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -842,7 +843,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "task": r["task"], "metrics": r["metrics"], "train_size": r["train_size"],
                   "supervised_fraction": r.get("supervised_fraction"), "warnings": r.get("warnings", []),
                   "wall_time_s": r["wall_time_s"]} for r in runs],
-        "how_to_rerun": f"python benchmarks/quality.py{' --quick' if args.quick else ''}",
+        "how_to_rerun": " ".join(["python benchmarks/quality.py",
+                                  *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
     }
     _write_json(out, record)
     print()

@@ -186,8 +186,7 @@ def rows_of(path: Path) -> tuple[list[Row], str, str, str]:
         rows = list(reader(record))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         rows = [Row(kind, path.name, f"format not understood ({type(err).__name__}: {err})")]
-    if "quick" in path.stem:
-        command += " --quick"
+    command = record.get("how_to_rerun", command)  # the exact invocation, where the benchmark records it
     return rows, device, date, command
 
 
