@@ -30,13 +30,17 @@ the diagnostics say where: inversion LPIPS/PSNR of the labeled and of held-out r
 the labeler's accuracy on held-out real images (labeler applied to their inversions), and the
 generator's Fréchet distance against the floor of two real sets.
 
+With ``--jobs J`` the work is split into groups that share nothing but the rendered sets and
+the shipped encoder (a draw's corpus with the trainings on it; a baseline; an oracle), run in
+J processes, so that one process generates while another trains.
+
 Every intermediate artefact (rendered sets, encoders, latents, labelers, corpora, each
 training's result) is cached under ``--work``, named by a digest of the settings it depends
 on (a training also by the digests of the training code and of its corpus's manifest), so a
 rerun skips finished work and a changed setting redoes only what depends on it. Changes to
 upstream code (encoder, labeler, engine) are not tracked: delete the work folder after them.
 
-    python benchmarks/quality.py                     # the full study (hours on a 2-core CPU)
+    python benchmarks/quality.py --jobs 2            # the full study (about 2 hours on an idle 2-core CPU)
     python benchmarks/quality.py --quick             # under 15 minutes: 16 images, 1 draw, 1,000 generated
     python benchmarks/quality.py --arms baseline oracle   # the arms that need no generator stage
 """
@@ -107,7 +111,15 @@ ARM_PIPELINE = {"handsoff": "main", "handsoff-filtered": "main", "no-lpips": "no
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that decides the study's numbers (recorded in the results file)."""
+    """Everything that decides the study's numbers (recorded in the results file).
+
+    The full profile's costs are chosen to fit a few hours on a 2-core CPU with ``--jobs 2``.
+    Measured there with one thread: inversion 15.6 s per image at 100 refinement steps, a
+    1,000-step labeler fit 162 s with ten members, generation 8.1 samples/s with ten members
+    (25 with three), downstream training 0.14 s per step. The full HandsOff setting (ten
+    members, 100 refinement steps, 1,000 downstream steps) would take about 8.5 core-hours
+    here; three members, 50 refinement steps and 600 downstream steps take about 4.
+    """
 
     sizes: tuple[int, ...] = (16, 50)
     ablation_sizes: tuple[int, ...] = (16,)
@@ -119,14 +131,14 @@ class Settings:
     test_n: int = 1000
     oracle_n: int = 10_000
     heldout_n: int = 100
-    steps: int = DEFAULT_STEPS
+    steps: int = 600
     batch: int = DEFAULT_BATCH
     lr: float = DEFAULT_LR
     width: int = DEFAULT_BASE
     filter_quantile: float = 0.9
-    refine_steps: int = 100
+    refine_steps: int = 50
     labeler_steps: int = 1000
-    ensemble: int = 10
+    ensemble: int = 3
     encoder_steps: int = 2000
     encoder_lpips_steps: int = 500
     truncation: float = 0.7
@@ -674,11 +686,14 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", choices=ARMS, help="arms to run (default: all)")
     p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks (default: all the domain has)")
     p.add_argument("--n-generated", type=int, help="generated samples per corpus (default: 10000)")
-    p.add_argument("--steps", type=int, help=f"downstream optimizer steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, help="downstream optimizer steps (default: 600; `handsoff bench`'s is "
+                                             f"{DEFAULT_STEPS})")
     p.add_argument("--batch", type=int, help=f"downstream batch (default: {DEFAULT_BATCH})")
     p.add_argument("--width", type=int, help=f"downstream UNet width (default: {DEFAULT_BASE})")
-    p.add_argument("--refine-steps", type=int, help="per-image refinement of the main pipeline (default: 100)")
+    p.add_argument("--refine-steps", type=int, help="per-image refinement of the main pipeline (default: 50)")
     p.add_argument("--labeler-steps", type=int, help="labeler training steps (default: 1000)")
+    p.add_argument("--ensemble", type=int, help="labeler ensemble members (default: 3; HandsOff used 10, about 3x "
+                                                "slower to generate with)")
     p.add_argument("--encoder-steps", type=int,
                    help="supervised steps of the encoders fitted here: the no-LPIPS ablation's, and the main one "
                         "when the shipped encoder is missing (default: 2000)")
@@ -687,8 +702,9 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--generator", type=Path, default=DEFAULT_GENERATOR)
     p.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER)
     p.add_argument("--jobs", type=int, default=1,
-                   help="downstream trainings run in this many processes of --threads threads (default: 1; "
-                        "2 on an idle 2-core machine halves the study's training time)")
+                   help="processes of --threads threads; each makes a group's corpus and trains on it, so "
+                        "generation and training overlap (default: 1; 2 on an idle 2-core machine about halves "
+                        "the study's time)")
     p.add_argument("--ablation-sizes", type=int, nargs="+",
                    help="numbers of labeled images the ablations run at (default: 16)")
     p.add_argument("--ablation-draws", type=int, help="draws the ablations run on (default: 1, the first)")
@@ -711,7 +727,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                  "ablation_sizes": tuple(args.ablation_sizes) if args.ablation_sizes else None,
                  "ablation_draws": args.ablation_draws,
                  "steps": args.steps, "batch": args.batch, "width": args.width, "refine_steps": args.refine_steps,
-                 "labeler_steps": args.labeler_steps,
+                 "labeler_steps": args.labeler_steps, "ensemble": args.ensemble,
                  "encoder_steps": args.encoder_steps, "test_n": args.test_n, "oracle_n": args.oracle_n}
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -731,23 +747,70 @@ def cells(settings: Settings) -> list[tuple[str, Optional[int], int]]:
     return out
 
 
-def _prepare(study: Study, todo: list[tuple[str, Optional[int], int]]) -> dict[str, str]:
-    """Make every training set's artefacts (renders, latents, labelers, corpora) in this process.
+Unit = tuple[tuple[str, Optional[int], int], ...]
+
+
+def units(todo: list[tuple[str, Optional[int], int]]) -> list[Unit]:
+    """The cells grouped by the artefact they share, the costliest first.
+
+    Cells of one group share a corpus (``handsoff`` and ``handsoff-filtered`` of a draw) or
+    nothing at all, so groups can be made in separate processes without two of them writing
+    the same file. Corpus groups go first: a group with a corpus costs an inversion, a labeler,
+    a corpus and its trainings; the others cost their trainings only.
+    """
+    groups: dict[Any, list[tuple[str, Optional[int], int]]] = {}
+    for arm, n, draw in todo:
+        key = (ARM_PIPELINE[arm], n, draw) if arm in GENERATED_ARMS else (arm, n, draw)
+        groups.setdefault(key, []).append((arm, n, draw))
+    costly = [g for key, g in groups.items() if key[0] in PIPELINES]
+    cheap = [g for key, g in groups.items() if key[0] not in PIPELINES]
+    costly.sort(key=lambda g: -(g[0][1] or 0))  # more labeled images: a longer inversion
+    return [tuple(g) for g in costly + cheap]
+
+
+def _shared_artefacts(study: Study, todo: list[tuple[str, Optional[int], int]]) -> dict[str, str]:
+    """Make, in this process, what several groups read: rendered sets and the main encoder.
 
     Returns the arms whose upstream stage is not available, with the reason: the study's own
     arms (baseline, oracle) still run.
     """
-    skipped: dict[str, str] = {}
     study.test_set()
     for arm, n, draw in todo:
-        if arm in skipped:
-            continue
+        if arm == "oracle":
+            study.rendered("oracle", study.s.oracle_n, SEEDS["oracle"])
+        else:
+            study.labeled(n, draw)
+    generated = sorted({arm for arm, _, _ in todo if arm in GENERATED_ARMS})
+    if not generated:
+        return {}
+    try:
+        study.encoder("main")
+    except _SKIPPABLE as err:
+        reason = f"{type(err).__name__}: {err}"
+        _say(f"skip {', '.join(generated)}: {reason}")
+        return {arm: reason for arm in generated}
+    return {}
+
+
+def run_unit(study: Study, unit: Unit) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, float]]:
+    """Make one group's training sets and train every task on them.
+
+    Returns the runs, the arms skipped (their upstream stage is unavailable) and the seconds
+    spent per stage in this call.
+    """
+    before = dict(study.seconds)
+    runs: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for arm, n, draw in unit:
         try:
             study.train_set(arm, n if n is not None else study.s.sizes[0], draw)
         except _SKIPPABLE as err:
             skipped[arm] = f"{type(err).__name__}: {err}"
             _say(f"skip {arm}: {skipped[arm]}")
-    return skipped
+            continue
+        runs += [study.run(arm, n, draw, task) for task in study.s.tasks]
+    spent = {k: round(v - before.get(k, 0.0), 2) for k, v in study.seconds.items()}
+    return runs, skipped, spent
 
 
 _WORKER: dict[str, Study] = {}
@@ -758,28 +821,49 @@ def _worker_init(args: tuple[Any, ...], threads: int) -> None:
     _WORKER["study"] = Study(*args, progress=False)
 
 
-def _worker_run(arm: str, n: Optional[int], draw: int, task: str) -> dict[str, Any]:
-    return _WORKER["study"].run(arm, n, draw, task)
+def _worker_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, float]]:
+    return run_unit(_WORKER["study"], unit)
 
 
-def _train_all(study: Study, todo: list[tuple[str, Optional[int], int]], jobs: int, threads: int
-               ) -> list[dict[str, Any]]:
-    """Every training (cached ones are read back), in ``jobs`` processes of ``threads`` threads each.
+def _worker_heldout() -> None:
+    """The held-out images' inversion, which the diagnostics read (made here to overlap the groups)."""
+    study = _WORKER["study"]
+    study.latents(PIPELINES["main"], study.rendered("heldout", study.s.heldout_n, SEEDS["heldout"]))
 
-    Worker processes are spawned (not forked: a forked OpenMP runtime can hang) and find the
-    artefacts `_prepare` made in the work folder.
+
+def run_all(study: Study, todo: list[tuple[str, Optional[int], int]], jobs: int, threads: int
+            ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Every group of cells (cached work is read back), in ``jobs`` processes of ``threads`` threads.
+
+    Worker processes are spawned (not forked: a forked OpenMP runtime can hang). Each makes
+    its group's inversion, labeler and corpus and trains on them, so that generation and
+    training overlap across processes; what several groups share is made here first.
     """
-    jobs_list = [(arm, n, d, task) for arm, n, d in todo for task in study.s.tasks]
+    skipped = _shared_artefacts(study, todo)
+    groups = [u for u in (tuple(c for c in unit if c[0] not in skipped) for unit in units(todo)) if u]
+    results = []
     if jobs <= 1:
-        return [study.run(*job) for job in jobs_list]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        results = [run_unit(study, unit) for unit in groups]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    init = ((study.s, study.work, study.device, study.encoder_path, study.generator_path), threads)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                             initargs=init) as pool:
-        futures = [pool.submit(_worker_run, *job) for job in jobs_list]
-        return [f.result() for f in futures]
+        init = ((study.s, study.work, study.device, study.encoder_path, study.generator_path), threads)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                 initargs=init) as pool:
+            wants_heldout = any(arm in GENERATED_ARMS for arm, _, _ in todo) and not skipped
+            heldout = pool.submit(_worker_heldout) if wants_heldout else None
+            futures = [pool.submit(_worker_unit, unit) for unit in groups]
+            results = [f.result() for f in futures]
+            if heldout is not None:
+                heldout.result()
+    runs = []
+    for unit_runs, unit_skipped, spent in results:
+        runs += unit_runs
+        skipped.update(unit_skipped)
+        for stage, seconds in spent.items():
+            study.seconds[stage] = round(study.seconds.get(stage, 0.0) + seconds, 2)
+    return runs, skipped
 
 
 def _diagnose(study: Study, settings: Settings, verdicts: dict[str, Any]) -> dict[str, Any]:
@@ -812,10 +896,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     study = Study(settings, args.work, device, args.encoder, args.generator, progress=not args.no_progress)
     started, load_before = time.perf_counter(), load_average()
 
-    todo = cells(settings)
-    skipped = _prepare(study, todo)
-    todo = [c for c in todo if c[0] not in skipped]
-    runs = study._timed("downstream", lambda: _train_all(study, todo, args.jobs, args.threads))
+    runs, skipped = run_all(study, cells(settings), args.jobs, args.threads)
     table = aggregate(runs, settings)
     verdicts = claims(table, settings)
     generated_ran = any(r["extra"]["arm"] in GENERATED_ARMS for r in runs)

@@ -91,3 +91,20 @@ def test_summary_regenerates_only_its_section(tmp_path):
     row = "| domain | heads 64px, processes=2 | 600 labeled img/s | 1 thread 400 img/s | 1.50 | cpu: X | 2026-01-02 |"
     assert row in text
     assert "| mystery | mystery-cpu.json | no summary for this benchmark yet |" in text
+
+
+def test_groups_share_a_corpus_and_nothing_else():
+    settings = quality.Settings(sizes=(16, 50), ablation_sizes=(16,), ablation_draws=1, draws=2,
+                                arms=("baseline", "handsoff", "handsoff-filtered", "no-refine", "oracle"),
+                                tasks=("seg",))
+    groups = quality.units(quality.cells(settings))
+    assert sorted(c for g in groups for c in g) == sorted(quality.cells(settings))  # every cell, once
+    by_cell = {c: g for g in groups for c in g}
+    # handsoff and its filtered arm read one corpus, so one process makes it and trains both
+    assert by_cell[("handsoff", 50, 1)] == (("handsoff", 50, 1), ("handsoff-filtered", 50, 1))
+    assert by_cell[("no-refine", 16, 0)] == (("no-refine", 16, 0),)
+    assert by_cell[("baseline", 16, 0)] == (("baseline", 16, 0),)
+    # corpus groups first, those with more labeled images (a longer inversion) before the rest
+    kinds = [g[0][0] for g in groups]
+    assert kinds[:2] == ["handsoff", "handsoff"] and groups[0][0][1] == 50
+    assert set(kinds[-6:]) == {"baseline", "oracle"} and "baseline" not in kinds[:-6]  # 4 baselines, 2 oracles
