@@ -62,6 +62,34 @@ def test_missing_arms_do_not_count_as_holding():
     assert verdicts["seg"]["handsoff"] == {"holds": False, "by_labeled": {"16": {"missing": ["handsoff"]}}}
 
 
+def test_without_a_gap_the_claim_is_beating_the_baseline():
+    settings = quality.Settings(sizes=(16, 50), draws=1, arms=("baseline", "handsoff", "oracle"), tasks=("seg",))
+    runs = [_run("baseline", 16, 0, "seg", 0.40), _run("handsoff", 16, 0, "seg", 0.45),
+            _run("baseline", 50, 0, "seg", 0.52), _run("handsoff", 50, 0, "seg", 0.53),
+            _run("oracle", None, 0, "seg", 0.50)]
+    verdict = quality.claims(quality.aggregate(runs, settings), settings)["seg"]["handsoff"]
+    assert verdict["by_labeled"]["50"]["gap_closed"] is None and verdict["by_labeled"]["50"]["holds"]
+    assert verdict["by_labeled"]["16"]["gap_closed"] == pytest.approx(0.5) and verdict["holds"]
+
+
+def test_rereport_rejudges_a_recorded_study_and_names_a_bad_file(tmp_path):
+    settings = quality.Settings(sizes=(16,), draws=1, arms=("baseline", "handsoff", "oracle"), tasks=("seg",))
+    runs = [_run("baseline", 16, 0, "seg", 0.5), _run("handsoff", 16, 0, "seg", 0.55),
+            _run("oracle", None, 0, "seg", 0.45)]
+    record = {"settings": quality.asdict(settings), "table": quality.aggregate(runs, settings),
+              "ablations_vs_handsoff": {}, "diagnosis": None, "claims": "stale", "markdown": "stale",
+              "runs": [{"arm": r["extra"]["arm"], "task": r["task"], "warnings": []} for r in runs]}
+    path = tmp_path / "quality.json"
+    path.write_text(quality.json.dumps(record))
+    text = quality.rereport(path)
+    saved = quality.json.loads(path.read_text())
+    assert saved["claims"]["seg"]["handsoff"]["holds"] and saved["markdown"] == text and "no gap to close" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(quality.HandsoffError, match="bad.json: not a quality study results file"):
+        quality.rereport(bad)
+
+
 def test_ablations_run_at_their_own_sizes():
     settings = quality.Settings(sizes=(16, 50), ablation_sizes=(16,), ablation_draws=2, draws=3,
                                 arms=("baseline", "handsoff", "no-refine", "oracle"), tasks=("seg",))
@@ -108,3 +136,18 @@ def test_groups_share_a_corpus_and_nothing_else():
     kinds = [g[0][0] for g in groups]
     assert kinds[:2] == ["handsoff", "handsoff"] and groups[0][0][1] == 50
     assert set(kinds[-6:]) == {"baseline", "oracle"} and "baseline" not in kinds[:-6]  # 4 baselines, 2 oracles
+
+
+def test_limits_name_lost_classes_and_keypoint_coverage():
+    settings = quality.Settings(sizes=(16,), draws=1, arms=("baseline", "handsoff", "oracle"), tasks=("seg",))
+    draw = {f"inversion_{w}": {"lpips": 0.2, "psnr": 18.0} for w in ("labeled", "heldout")}
+    draw["labeler_on_labeled"] = {"seg": {"miou": 0.7, "per_class_iou": {"skin": 0.9, "eye": 0.5, "ear": 0.05}}}
+    draw["labeler_on_heldout"] = {"seg": {"miou": 0.3, "per_class_iou": {"skin": 0.6, "eye": 0.01, "ear": 0.02}}}
+    table = {"seg": {"baseline": {"16": {"primary": {"mean": 0.4}}}},
+             "keypoints": {"baseline": {"16": {"supervised_fraction": 0.8}},
+                           "handsoff": {"16": {"supervised_fraction": 0.25}}}}
+    lines = quality.limits({"by_draw": {"n16-d0": draw}}, table, settings)
+    assert "- seg classes lost on inverted held-out images (IoU on the labeler's own images -> held-out): " \
+           "eye 0.50 -> 0.01" in lines  # skin kept, ear never learned: neither is listed
+    assert lines[-1] == ("- keypoints trained as visible (confidence >= 0.5): 25% at n=16 of the corpus's points, "
+                         "against 80% of the real labeled images' points")
