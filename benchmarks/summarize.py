@@ -120,6 +120,15 @@ def _quality(r: dict[str, Any]) -> Iterator[Row]:
                               _num(cell["primary"]["mean"]))
 
 
+def _alignment(r: dict[str, Any]) -> Iterator[Row]:
+    for task, t in r["tasks"].items():
+        for name, metrics in t["inverted"].items():
+            inv = r["inversion"][name]
+            yield Row("alignment", f"{task} {t['metric']}, oracle model on inversions ({name}: LPIPS "
+                      f"{_num(inv['lpips'])}, PSNR {_num(inv['psnr'])} dB)", _num(metrics[t["metric"]]),
+                      f"real images {_num(t['real'][t['metric']])}", t["kept"][name])
+
+
 def _downstream(r: dict[str, Any]) -> Iterator[Row]:
     default = r["default_model"]
     ref = r["models"][default]
@@ -160,6 +169,8 @@ READERS: dict[str, tuple[Callable[[dict[str, Any]], Iterator[Row]], str, str]] =
                 "python benchmarks/labeler.py"),
     "generate": (_generate, "img/s / generator-only img/s", "python benchmarks/generate.py"),
     "downstream": (_downstream, "img/CPU-s / the default model's", "python benchmarks/downstream.py"),
+    "alignment": (_alignment, "share of the real images' score kept on their inversions",
+                  "python benchmarks/alignment.py"),
     "quality": (_quality, "share of the baseline-to-oracle gap closed", "python benchmarks/quality.py"),
 }
 

@@ -151,3 +151,21 @@ def test_limits_name_lost_classes_and_keypoint_coverage():
            "eye 0.50 -> 0.01" in lines  # skin kept, ear never learned: neither is listed
     assert lines[-1] == ("- keypoints trained as visible (confidence >= 0.5): 25% at n=16 of the corpus's points, "
                          "against 80% of the real labeled images' points")
+
+
+def test_alignment_share_kept_follows_the_metric_direction():
+    alignment = _load("alignment")
+    assert alignment.kept_share(0.8, 0.2, higher_is_better=True) == pytest.approx(0.25)
+    assert alignment.kept_share(0.5, 2.0, higher_is_better=False) == pytest.approx(0.25)  # RMSE 4x worse
+    assert alignment.kept_share(0.0, 0.2, higher_is_better=True) is None
+
+
+def test_summary_reads_an_alignment_record(tmp_path):
+    record = {"device": "cpu: test", "date": "2026-12-03", "inversion": {"refine 50": {"lpips": 0.2, "psnr": 18.0}},
+              "tasks": {"seg": {"metric": "miou", "real": {"miou": 0.4}, "inverted": {"refine 50": {"miou": 0.1}},
+                                "kept": {"refine 50": 0.25}}}}
+    path = tmp_path / "alignment-cpu.json"
+    path.write_text(summarize.json.dumps(record))
+    rows, device, date, _ = summarize.rows_of(path)
+    assert [(r.value, r.reference, r.ratio) for r in rows] == [("0.1", "real images 0.4", 0.25)]
+    assert "refine 50: LPIPS 0.2, PSNR 18 dB" in rows[0].figure and device == "cpu: test"

@@ -12,6 +12,7 @@ from handsoff.cli import main
 from handsoff.data.folder_dataset import LabeledFolderDataset
 from handsoff.data.labeled_set import read_labeled_set, render_to_folder
 from handsoff.domains import get_domain
+from handsoff.errors import HandsoffError
 
 SIZE = 32
 TINY = dict(batch=4, base=4, levels=3, progress=False)
@@ -114,6 +115,14 @@ def test_training_is_deterministic(sets):
     runs = [train_and_score([open_train_set(sets["train"])], sets["test"], "keypoints", steps=3, seed=7, **TINY)
             for _ in range(2)]
     assert runs[0]["loss_curve"] == runs[1]["loss_curve"] and runs[0]["metrics"] == runs[1]["metrics"]
+
+
+def test_also_test_scores_the_same_model_and_refuses_other_names(sets):
+    train = LabeledFolderDataset(sets["train"], augment=False)
+    result = train_and_score([train], sets["test"], "seg", steps=3, seed=1, also_test={"same": sets["test"]}, **TINY)
+    assert result["metrics_on"] == {"same": result["metrics"]}  # one model, scored twice on one set
+    with pytest.raises(HandsoffError, match="renamed: its class names differ from the test set's"):
+        train_and_score([train], sets["test"], "seg", steps=1, also_test={"other": sets["renamed"]}, **TINY)
 
 
 def test_folder_and_fake_shards_mix(sets):

@@ -16,7 +16,7 @@ import datetime
 import math
 import os
 import time
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -145,6 +145,15 @@ def evaluate(model: torch.nn.Module, task: Task | str, test: LabeledFolderDatase
     return score(task, np.concatenate(predictions), labels, test.classes, test.image_size)
 
 
+def _like(test: LabeledFolderDataset, main: LabeledFolderDataset) -> LabeledFolderDataset:
+    """``test``, checked to be scorable like ``main`` (same image size, class and keypoint names)."""
+    for what, ours, theirs in (("image size", test.image_size, main.image_size), ("class names", test.classes,
+                               main.classes), ("keypoint names", test.keypoint_names, main.keypoint_names)):
+        if tuple(ours) != tuple(theirs):
+            raise HandsoffError(f"{test.root}: its {what} differ from the test set's ({main.root})")
+    return test
+
+
 def _warnings(task: Task, supervised: float) -> list[str]:
     if supervised > 0:
         return []
@@ -156,8 +165,8 @@ def _warnings(task: Task, supervised: float) -> list[str]:
 def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, task: str, *,
                     steps: int = DEFAULT_STEPS, batch: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, seed: int = 0,
                     device: Union[str, torch.device] = "cpu", progress: bool = True, arch: str = "unet",
-                    base: int = DEFAULT_BASE, levels: int = 4, extra: Optional[dict[str, Any]] = None
-                    ) -> dict[str, Any]:
+                    base: int = DEFAULT_BASE, levels: int = 4, extra: Optional[dict[str, Any]] = None,
+                    also_test: Optional[Mapping[str, LabeledSet | PathLike]] = None) -> dict[str, Any]:
     """Train a fresh downstream model for ``task`` on ``train_sets`` and score it on ``test``.
 
     Args:
@@ -171,6 +180,8 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
         progress: show a tqdm progress bar.
         arch, base, levels: the model (`handsoff.bench.models.build_model`).
         extra: recorded as is under ``"extra"`` in the result.
+        also_test: more test sets, by name, scored with the same trained model (same image
+            size, class and keypoint names as ``test``); their metrics go under ``metrics_on``.
 
     Returns:
         A JSON-able dict: ``format``, ``task``, ``metrics`` (the task's scores, see
@@ -193,6 +204,7 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
     test_set = _test_set(test, spec)
     check_train_sets(train_sets, spec, test_set.image_size, test_set.classes, test_set.keypoint_names,
                      str(test_set.root))
+    other_tests = {name: _like(_test_set(t, spec), test_set) for name, t in (also_test or {}).items()}
     device = torch.device(device)
     data = train_sets[0] if len(train_sets) == 1 else ConcatDataset(list(train_sets))
     _reseed_augmentation(train_sets, seed)
@@ -206,6 +218,7 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
                                    progress=progress)
     trained = time.perf_counter()
     result_metrics = evaluate(model, spec, test_set, device=device)
+    metrics_on = {name: evaluate(model, spec, t, device=device) for name, t in other_tests.items()}
     done = time.perf_counter()
     return {
         "format": RESULT_FORMAT,
@@ -222,6 +235,7 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
                      "output_calibration": ({"scale": float(model.scale), "shift": float(model.shift)}
                                             if isinstance(model, OutputAffine) else None),
                      "torch_threads": torch.get_num_threads()},
+        **({"metrics_on": metrics_on} if other_tests else {}),
         "train_sets": [describe(d) for d in train_sets],
         "train_size": int(len(data)),
         "test": {"path": str(test_set.root), "size": len(test_set), "resolution": list(test_set.image_size)},
