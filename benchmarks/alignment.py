@@ -31,7 +31,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,16 +40,13 @@ from _machine import device_name, load_average  # noqa: E402
 from handsoff.bench.tasks import TASKS  # noqa: E402
 from handsoff.bench.train import train_and_score  # noqa: E402
 from handsoff.data.labeled_set import LabeledSet  # noqa: E402
-from handsoff.utils.images import to_uint8  # noqa: E402
+from handsoff.invert.invert import reconstruct  # noqa: E402
 
 
 def inverted_set(study: quality.Study, folder: Path) -> tuple[LabeledSet, dict[str, float]]:
     """The folder's labeled set with every image replaced by its inversion (``study``'s refinement steps)."""
     ws, stats = study.latents(quality.PIPELINES["main"], folder)
-    G = study.generator()
-    with torch.no_grad():
-        images = np.concatenate([to_uint8(G.synthesis(w.to(study.device), noise_mode="const"))
-                                 for w in ws.split(16)])
+    images = reconstruct(study.generator(), ws)  # the images the recorded LPIPS / PSNR were measured on
     kept = {"lpips": stats["lpips_mean"], "psnr": stats["psnr_mean"]}
     return replace(study.labeled_set(folder), images=list(images)), kept
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from handsoff.invert.train import images_to_tensor
 
-__all__ = ["InversionResult", "invert_images", "refine_latents", "psnr", "lpips_distances", "refine_lr", "REFINE_LR",
+__all__ = ["InversionResult", "invert_images", "reconstruct", "refine_latents", "psnr", "lpips_distances", "refine_lr", "REFINE_LR",
            "REFINE_LPIPS_WEIGHT", "REFINE_PULL_WEIGHT"]
 
 REFINE_LR = 0.1
@@ -131,10 +131,22 @@ def _check_images(images: np.ndarray, resolution: int) -> None:
         raise ValueError(f"images must be uint8 [N, {resolution}, {resolution}, 3] with N >= 1, got {got}")
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
+@torch.no_grad()
+def reconstruct(G: nn.Module, ws: torch.Tensor, batch: int = 16) -> np.ndarray:
+    """The images of ``ws`` exactly as an inversion is scored on them.
+
+    Args:
+        G: the generator.
+        ws: ``[N, num_ws, w_dim]`` latents, on any device (moved to G's, ``batch`` at a time).
+        batch: images per generator call.
+
+    Returns:
+        uint8 ``[N, H, W, 3]``: ``G.synthesis(ws, noise_mode='const', fused_modconv=False)``.
+    """
     from handsoff.utils.images import to_uint8
 
-    return to_uint8(images)
+    device = G.mapping.w_avg.device
+    return np.concatenate([to_uint8(_synthesize(G, w.to(device))) for w in ws.split(batch)])
 
 
 def invert_images(G: nn.Module, encoder: nn.Module, images: np.ndarray, *, refine_steps: int = 0,
@@ -182,8 +194,7 @@ def invert_images(G: nn.Module, encoder: nn.Module, images: np.ndarray, *, refin
                 ws, start, best = refine_latents(G, x, ws, steps=refine_steps, lpips=lpips, w_only=w_only)
                 starts.append(start.cpu())
                 bests.append(best.cpu())
-            with torch.no_grad():
-                recons.append(_to_uint8(_synthesize(G, ws)))
+            recons.append(reconstruct(G, ws, batch))
             out_ws.append(ws.detach().cpu())
             bar.update(len(x))
     reconstructions = np.concatenate(recons)
