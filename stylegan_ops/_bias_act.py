@@ -210,7 +210,14 @@ def _compiled_function(
     grad_mode, grad2_mode = (_Mode.GRAD_Y, _Mode.GRAD2_Y) if save == "y" else (_Mode.GRAD_Z, _Mode.GRAD2_Z)
 
     def run(v: torch.Tensor, b: torch.Tensor, r: torch.Tensor, mode: _Mode) -> torch.Tensor:
-        return kernel.bias_act(v, b, r, dim, code, int(mode), alpha, gain, clamp)
+        bound = clamp
+        if mode in (_Mode.GRAD_Y, _Mode.GRAD2_Y) and clamp >= 0 and r.dtype != torch.float32:
+            # The Y modes tell clamped elements by comparing the stored y with the bound. y was
+            # clamped in float and then rounded to its storage type, so the bound must be rounded
+            # the same way: 0.8 is stored as 0.7998 in float16, which would read as inside 0.8 and
+            # let the gradient of a clamped element through.
+            bound = float(torch.tensor(clamp, dtype=r.dtype))
+        return kernel.bias_act(v, b, r, dim, code, int(mode), alpha, gain, bound)
 
     class BiasActGrad2(torch.autograd.Function):
         """``dy * d(dy/dz)/dr``: the second derivative. Differentiating it further is refused,

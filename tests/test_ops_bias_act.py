@@ -170,6 +170,26 @@ def test_low_precision_forward_close_to_float32(impl, device, dtype):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("impl,device", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["linear", "lrelu", "tanh"])
+def test_low_precision_gradient_is_zero_where_clamped(impl, device, dtype, act):
+    """A clamp that low precision cannot store exactly (0.8): clamped elements pass no gradient.
+    The compiled Y-mode backward once compared the rounded stored y with the unrounded bound."""
+    dev = _require(impl, device)
+    x = (torch.linspace(-3, 3, 600, device=dev).reshape(2, 3, 100)).to(dtype).requires_grad_(True)
+    b = torch.zeros(3, device=dev, dtype=dtype)
+    try:
+        y = bias_act(x, b, act=act, clamp=0.8, impl=impl)
+    except RuntimeError as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"{dtype} not supported by this torch on {device}: {exc}")
+    (dx,) = torch.autograd.grad(y.float().sum(), x)
+    inside = bias_act(x.detach().float(), b.float(), act=act, impl="ref").abs() < 0.79
+    outside = bias_act(x.detach().float(), b.float(), act=act, impl="ref").abs() > 0.81
+    assert (dx[outside] == 0).all(), f"{int((dx[outside] != 0).sum())} clamped elements passed a gradient"
+    assert (dx[inside] != 0).all()
+
+
 def test_float16_bias_is_cast_to_x_dtype():
     x, b = torch.randn(2, 3, 4, dtype=torch.float16), torch.randn(3, dtype=torch.float32)
     assert bias_act(x, b, impl="ref").dtype == torch.float16
