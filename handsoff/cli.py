@@ -14,7 +14,8 @@ from typing import Callable, Optional, Sequence
 
 from handsoff import __version__
 from handsoff.defaults import DEFAULT_GENERATOR
-from handsoff.errors import HandsoffError
+from handsoff.errors import HandsoffError, Terminated
+from handsoff.utils.threads import apply_threads
 
 EXIT_USER_ERROR = 2
 
@@ -179,6 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Every long command has --threads (default 1, see handsoff.utils.threads); set it before it runs.
+        apply_threads(getattr(args, "threads", None))
         args.run(args)
     except HandsoffError as err:
         if args.debug:
@@ -188,6 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"handsoff {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # torchrun stops the other ranks with SIGTERM when one fails
+        print(f"handsoff {args.command}: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Union
 
-__all__ = ["HandsoffError", "CheckpointError"]
+__all__ = ["HandsoffError", "CheckpointError", "Terminated"]
 
 
 class HandsoffError(Exception):
@@ -31,3 +31,9 @@ class CheckpointError(HandsoffError):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem}"
+
+
+class Terminated(Exception):
+    """SIGTERM arrived inside `handsoff.utils.distributed.process_group`: raised in the main thread
+    so that every ``finally`` (shard writer, locks, the process group) runs; the command line then
+    exits with status 143, as a process killed by SIGTERM would."""

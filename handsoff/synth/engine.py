@@ -41,7 +41,7 @@ from handsoff.data.shards import (MANIFEST_NAME, Manifest, ShardEntry, ShardReco
 from handsoff.errors import HandsoffError
 from handsoff.gan.digest import generator_digest
 from handsoff.label.prediction import LabelPrediction
-from handsoff.synth.distributed import Ranks, barrier, broadcast, gather
+from handsoff.utils.distributed import Ranks, barrier, broadcast, gather
 from handsoff.synth.lock import corpus_lock
 from handsoff.synth.sampling import LatentSampler, candidate_seed
 from handsoff.synth.settings import GenerateSettings

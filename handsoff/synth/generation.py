@@ -7,7 +7,7 @@ from handsoff.defaults import DEFAULT_GENERATOR
 from handsoff.gan.checkpoints import load_generator
 from handsoff.gan.digest import generator_digest
 from handsoff.invert.latents import load_latents
-from handsoff.synth.distributed import device_for, ranks_for
+from handsoff.utils.distributed import device_for, process_group
 from handsoff.synth.engine import GenerateResult, generate_corpus
 from handsoff.synth.labeling import load_labeling
 from handsoff.synth.settings import GenerateSettings
@@ -34,7 +34,7 @@ def generate(labeler: PathLike, out: PathLike, settings: GenerateSettings, *, ge
         around: a latents file (`handsoff invert`) to make variations of, or None.
         progress: show a progress bar.
     """
-    with ranks_for(device) as ranks:
+    with process_group(device) as ranks:
         dev = device_for(device, ranks)
         G = load_generator(generator, device=dev)
         label_fn, info = load_labeling(labeler, G, dev, settings.noise_mode)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from handsoff.errors import HandsoffError
+from handsoff.utils.threads import add_threads_option
 
 from .config import TrainConfig
 
@@ -109,7 +110,15 @@ def add_train_gan_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                           "and exit; rerun the same command to continue")
     run.add_argument("--stop-at-kimg", type=float, default=None, metavar="K",
                      help="stop (with a snapshot) at K kimg, before --kimg; rerun without it to continue")
+    run.add_argument("--init-generator", type=Path, default=None, metavar="FILE",
+                     help="start G and G_ema of a fresh run from this generator file (same architecture); "
+                          "D and the optimizers start anew; ignored when resuming")
+    run.add_argument("--state-file", type=Path, default=None, metavar="FILE",
+                     help="also keep the newest snapshot in FILE (replaced at every snapshot) and resume from "
+                          "it when RUN_DIR has none: a run that continues on another machine "
+                          "(e.g. checkpoints/heads64/train_state.pt, committed)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    add_threads_option(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     net = parser.add_argument_group("training settings (a resumed run must keep the ones that change training)")
@@ -181,7 +190,8 @@ def train_gan_from_args(args: argparse.Namespace) -> Path:
     if isinstance(resume, str) and resume != "auto":
         resume = Path(resume)
     return train_gan(config, args.out, source, resume=resume, device=args.device, time_limit=args.time_limit,
-                     stop_at_kimg=args.stop_at_kimg, progress=not args.no_progress)
+                     stop_at_kimg=args.stop_at_kimg, progress=not args.no_progress,
+                     init_generator=args.init_generator, state_file=args.state_file)
 
 
 def build_standalone_parser() -> argparse.ArgumentParser:

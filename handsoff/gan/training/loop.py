@@ -29,7 +29,6 @@ gradient buffer, and rank 0 writes all files.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime
 import json
 import math
@@ -49,6 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from handsoff.errors import HandsoffError
+from handsoff.utils.distributed import Ranks, device_for, process_group
 from handsoff.utils.io import atomic_path
 
 from ..discriminator import Discriminator, DiscriminatorConfig, count_parameters
@@ -94,47 +94,6 @@ def build_networks(cfg: TrainConfig, device: torch.device):
         D = Discriminator(discriminator_config(cfg, cuda))
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     return G.train().to(device), D.train().to(device), G_ema.to(device)
-
-
-# --------------------------------------------------------------------------- distributed
-@dataclasses.dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_name: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    here = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        here = True
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, initialized_here=here)
-
-
-def _resolve_device(name: str, d: _Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HandsoffError(f"device {name!r}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
-    return device
 
 
 # --------------------------------------------------------------------------- gradients
@@ -255,8 +214,8 @@ class GANTrainer:
     Most users call `train_gan`; the class is public so tests and tools can step it.
     """
 
-    def __init__(self, cfg: TrainConfig, images: np.ndarray, device: torch.device, dist_info: Optional[_Dist] = None):
-        dist_info = dist_info if dist_info is not None else _Dist()
+    def __init__(self, cfg: TrainConfig, images: np.ndarray, device: torch.device, dist_info: Optional[Ranks] = None):
+        dist_info = dist_info if dist_info is not None else Ranks()
         self.cfg = cfg.resolved()
         self.device = device
         self.dist = dist_info
@@ -454,6 +413,17 @@ class GANTrainer:
         else:
             _seed_all(self.cfg.seed * self.dist.world + self.dist.rank + 7919 * self.step, self.device)
 
+    def init_generator_from(self, path: Path) -> None:
+        """Start G and G_ema from the weights of a generator file of the same architecture."""
+        from ..checkpoints import load_generator_state
+
+        config, state, _ = load_generator_state(path)
+        if config.to_dict() != self.G.config.to_dict():
+            raise HandsoffError(f"{path}: its architecture differs from this run's generator "
+                                "(compare its config with the --channel-base/--z-dim/... options)")
+        self.G.load_state_dict(state)
+        self.G_ema.load_state_dict(state)
+
     def gather_rng(self) -> List[Dict[str, Any]]:
         mine = _rng_state(self.device)
         if self.dist.world == 1:
@@ -585,7 +555,9 @@ class _StopFlag:
 def train_gan(config: TrainConfig, run_dir: Union[str, Path], data: Any, resume: Union[bool, str, Path] = "auto", *,
               device: str = "auto", time_limit: Optional[float] = None, stop_at_kimg: Optional[float] = None,
               max_steps: Optional[int] = None, progress: bool = True, seg_feature_steps: int = 300,
-              seg_feature_images: int = 1024, log_fn: Optional[Callable[[str], None]] = None) -> Path:
+              seg_feature_images: int = 1024, log_fn: Optional[Callable[[str], None]] = None,
+              init_generator: Optional[Union[str, Path]] = None,
+              state_file: Optional[Union[str, Path]] = None) -> Path:
     """Train a StyleGAN2 (G, D, G_ema) on ``data``; returns the path of ``G_ema-latest.safetensors``
     (written at every snapshot; absent only if the time limit ran out before the first one).
 
@@ -607,27 +579,33 @@ def train_gan(config: TrainConfig, run_dir: Union[str, Path], data: Any, resume:
         progress: Show progress bars.
         seg_feature_steps / seg_feature_images: Training steps and rendered 64x64 images of the
             FD feature CNN (used when no Inception weights exist).
+        init_generator: A generator file whose weights start G and G_ema of a fresh run (its
+            architecture must be the run's); D and the optimizers start anew. Ignored on resume.
+        state_file: One file that always holds the newest snapshot (replaced atomically at each
+            one), for runs that continue on another machine: a run whose ``run_dir`` has no
+            snapshot resumes from it (with ``resume="auto"``). Keep it in version control.
     """
     run_dir = Path(run_dir)
     source = DataSource.coerce(data)
-    d = _init_distributed(device)
-    try:
+    # The trainer stops gracefully on SIGTERM itself (a snapshot first), so the group keeps the
+    # default handler out of the way.
+    with process_group(device, sigterm=False) as d:
         return _train(config, run_dir, source, resume, d, device, time_limit, stop_at_kimg, max_steps, progress,
-                      seg_feature_steps, seg_feature_images, log_fn)
-    finally:
-        if d.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
+                      seg_feature_steps, seg_feature_images, log_fn,
+                      Path(init_generator) if init_generator is not None else None,
+                      Path(state_file) if state_file is not None else None)
 
 
-def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: _Dist, device_name: str,
+def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: Ranks, device_name: str,
            time_limit: Optional[float], stop_at_kimg: Optional[float], max_steps: Optional[int], progress: bool,
-           seg_feature_steps: int, seg_feature_images: int, log_fn: Optional[Callable[[str], None]]) -> Path:
+           seg_feature_steps: int, seg_feature_images: int, log_fn: Optional[Callable[[str], None]],
+           init_generator: Optional[Path] = None, state_file: Optional[Path] = None) -> Path:
     from tqdm.auto import tqdm
 
     from ..checkpoints import save_generator
 
     t_start = time.time()
-    device = _resolve_device(device_name, d)
+    device = device_for(device_name, d)
     cfg = config.resolved()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -645,6 +623,8 @@ def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: _D
     elif resume is True or resume == "auto":
         if snapshots:
             snapshot_path = snapshots[-1]
+        elif state_file is not None and state_file.is_file():
+            snapshot_path = state_file
         elif resume is True:
             raise HandsoffError(f"{run_dir}: nothing to resume (no snapshot-*.pt)")
     elif snapshots:
@@ -686,6 +666,8 @@ def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: _D
                 "the run continues but will not repeat an uninterrupted run exactly")
         trainer.load_state_dict(state)
         del state
+    elif init_generator is not None:
+        trainer.init_generator_from(init_generator)
 
     if d.main:
         _write_json(run_dir / "config.json", {
@@ -744,6 +726,10 @@ def _train(config: TrainConfig, run_dir: Path, source: DataSource, resume, d: _D
                        extra_metadata={"kimg": f"{trainer.cur_nimg / 1000:.3f}", "step": str(trainer.step),
                                        "trained_by": "handsoff train-gan"})
         _prune_snapshots(run_dir, cfg.keep_snapshots)
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(state_file) as tmp:
+                tmp.write_bytes(path.read_bytes())
         rec: Dict[str, Any] = {"event": "snapshot", "reason": reason, "kimg": trainer.cur_nimg / 1000,
                                "step": trainer.step, "file": path.name,
                                "seconds": round(time.time() - t0, 2)}
