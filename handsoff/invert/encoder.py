@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from handsoff.errors import HandsoffError
-from handsoff.utils.io import atomic_path
+from handsoff.utils.io import save_safetensors
 
 __all__ = ["EncoderConfig", "Encoder", "save_encoder", "load_encoder", "read_encoder_metadata",
            "style_groups", "ENCODER_FORMAT"]
@@ -248,8 +248,6 @@ def _metadata(encoder: Encoder, digest: str) -> dict[str, str]:
 
 def save_encoder(path: PathLike, encoder: Encoder, G: nn.Module) -> Path:
     """Write ``encoder`` (made for generator ``G``) atomically to ``path`` (.safetensors)."""
-    from safetensors.torch import save_file
-
     from handsoff.gan.digest import generator_digest
 
     c = encoder.config
@@ -257,8 +255,7 @@ def save_encoder(path: PathLike, encoder: Encoder, G: nn.Module) -> Path:
         raise ValueError(f"encoder is for {c.resolution}px, num_ws {c.num_ws}, w_dim {c.w_dim}; the generator is "
                          f"{G.img_resolution}px, num_ws {G.num_ws}, w_dim {G.w_dim}")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=_metadata(encoder, generator_digest(G)))
+    save_safetensors(path, tensors, _metadata(encoder, generator_digest(G)))
     return Path(path)
 
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from handsoff.invert.train import images_to_tensor
+from handsoff.invert.train import images_to_tensor, synthesize
 
-__all__ = ["InversionResult", "invert_images", "reconstruct", "refine_latents", "psnr", "lpips_distances", "refine_lr", "REFINE_LR",
-           "REFINE_LPIPS_WEIGHT", "REFINE_PULL_WEIGHT"]
+__all__ = ["InversionResult", "invert_images", "reconstruct", "comparison_grid", "refine_latents", "psnr",
+           "lpips_distances", "refine_lr", "REFINE_LR", "REFINE_LPIPS_WEIGHT", "REFINE_PULL_WEIGHT"]
 
 REFINE_LR = 0.1
 REFINE_LPIPS_WEIGHT = 10.0
@@ -68,14 +68,10 @@ def refine_lr(step: int, steps: int, peak: float = REFINE_LR) -> float:
     return peak * down * min(1.0, t / _RAMP_UP)
 
 
-def _synthesize(G: nn.Module, ws: torch.Tensor) -> torch.Tensor:
-    return G.synthesis(ws, noise_mode="const", fused_modconv=False)
-
-
 def _refine_losses(G: nn.Module, lpips: nn.Module, target: torch.Tensor, ws: torch.Tensor,
                    w_init: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Per-image refinement loss, float ``[N]``."""
-    img = _synthesize(G, ws)
+    img = synthesize(G, ws)
     pixel = (img - target).square().flatten(1).mean(1)
     pull = (param - w_init).square().flatten(1).mean(1)
     return REFINE_LPIPS_WEIGHT * lpips(img, target) + pixel + REFINE_PULL_WEIGHT * pull
@@ -146,7 +142,7 @@ def reconstruct(G: nn.Module, ws: torch.Tensor, batch: int = 16) -> np.ndarray:
     from handsoff.utils.images import to_uint8
 
     device = G.mapping.w_avg.device
-    return np.concatenate([to_uint8(_synthesize(G, w.to(device))) for w in ws.split(batch)])
+    return np.concatenate([to_uint8(synthesize(G, w.to(device))) for w in ws.split(batch)])
 
 
 def invert_images(G: nn.Module, encoder: nn.Module, images: np.ndarray, *, refine_steps: int = 0,
@@ -212,3 +208,20 @@ def lpips_distances(lpips: nn.Module, a: np.ndarray, b: np.ndarray, batch: int =
     out = [lpips(images_to_tensor(a[i:i + batch], device), images_to_tensor(b[i:i + batch], device)).cpu()
            for i in range(0, len(a), batch)]
     return torch.cat(out).numpy().astype(np.float32)
+
+
+def comparison_grid(columns: Sequence[np.ndarray], max_rows: int = 32) -> np.ndarray:
+    """A picture of image sets side by side: row i shows image i of each set (first ``max_rows`` rows).
+
+    Args:
+        columns: uint8 ``[N, H, W, 3]`` arrays of one shape (e.g. inputs, reconstructions).
+        max_rows: rows shown; up to four rows are placed side by side per picture row.
+
+    Returns:
+        uint8 ``[H', W', 3]``.
+    """
+    from handsoff.utils.images import image_grid
+
+    n = min(len(columns[0]), max_rows)
+    groups = np.stack([c[:n] for c in columns], axis=1).reshape(len(columns) * n, *columns[0].shape[1:])
+    return image_grid(groups, cols=len(columns) * min(n, 4))

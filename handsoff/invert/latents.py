@@ -9,7 +9,8 @@ One safetensors file::
               names             JSON list of N image names (file stems), in the order of ws
               extra             JSON object (free-form: per-image LPIPS/PSNR, settings, ...)
 
-`handsoff invert` writes it; `handsoff fit-labeler` and `handsoff generate --around` read it.
+`handsoff invert` writes it; `handsoff tune` writes the same codes stamped for the tuned generator;
+`handsoff fit-labeler` and `handsoff generate --around` read it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from handsoff.errors import HandsoffError
-from handsoff.utils.io import atomic_path
+from handsoff.utils.io import save_safetensors
 
 __all__ = ["Latents", "save_latents", "load_latents", "LATENTS_FORMAT"]
 
@@ -62,15 +63,12 @@ class Latents:
 
 def save_latents(path: PathLike, latents: Latents) -> Path:
     """Write ``latents`` atomically to ``path`` (a .safetensors file)."""
-    from safetensors.torch import save_file
-
     ws = latents.ws.detach().to("cpu", torch.float32).contiguous()
     if ws.ndim != 3 or ws.shape[0] != len(latents.names):
         raise ValueError(f"ws must be [N={len(latents.names)}, num_ws, w_dim], got {tuple(ws.shape)}")
     metadata = {"format": LATENTS_FORMAT, "version": _VERSION, "generator_digest": latents.generator_digest,
                 "names": json.dumps(list(latents.names)), "extra": json.dumps(latents.extra)}
-    with atomic_path(path) as tmp:
-        save_file({"ws": ws}, str(tmp), metadata=metadata)
+    save_safetensors(path, {"ws": ws}, metadata)
     return Path(path)
 
 
@@ -112,7 +110,8 @@ def load_latents(path: PathLike, expect_digest: Optional[str] = None,
     digest = metadata.get("generator_digest", "")
     if expect_digest is not None and digest != expect_digest:
         raise HandsoffError(f"{p}: made for another generator (digest {digest or 'missing'}, this generator "
-                            f"is {expect_digest}); invert the images again with this generator")
+                            f"is {expect_digest}); invert the images again with this generator (for a generator "
+                            f"from `handsoff tune`, use the latents.safetensors written beside it)")
     if expect_shape is not None and tuple(ws.shape[1:]) != tuple(expect_shape):
         raise HandsoffError(f"{p}: ws are {tuple(ws.shape[1:])} per image, the generator needs {tuple(expect_shape)}")
     return Latents(ws.float(), [str(n) for n in names], digest, extra if isinstance(extra, dict) else {})

@@ -36,8 +36,8 @@ from handsoff.errors import HandsoffError
 from handsoff.invert.encoder import Encoder
 from handsoff.utils.io import atomic_path
 
-__all__ = ["fit_encoder", "StageSettings", "SUPERVISED", "LPIPS_FINETUNE", "sample_training_pairs",
-           "images_to_tensor", "PSI_RANGE", "MIX_PROB"]
+__all__ = ["fit_encoder", "synthesize", "StageSettings", "SUPERVISED", "LPIPS_FINETUNE",
+           "sample_training_pairs", "images_to_tensor", "PSI_RANGE", "MIX_PROB"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -72,7 +72,11 @@ def images_to_tensor(images: np.ndarray, device: Union[str, torch.device] = "cpu
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _synthesize(G: nn.Module, ws: torch.Tensor) -> torch.Tensor:
+def synthesize(G: nn.Module, ws: torch.Tensor) -> torch.Tensor:
+    """``G``'s images of ``ws`` ``[N, num_ws, w_dim]`` as inversion sees them: float ``[N, 3, R, R]``, const noise.
+
+    Differentiable (with respect to ``ws`` and G's parameters); every inversion and tuning loss uses it.
+    """
     # fused_modconv=False: the same images, but its backward pass is about 1.5x faster on the CPU.
     return G.synthesis(ws, noise_mode="const", fused_modconv=False)
 
@@ -93,7 +97,7 @@ def sample_training_pairs(G: nn.Module, batch: int, gen: torch.Generator) -> tup
     w = w_avg + psi.repeat(2).to(device)[:, None, None] * (w - w_avg)
     second = mix[:, None] & (torch.arange(G.num_ws)[None] >= cut[:, None])
     ws = torch.where(second.to(device)[:, :, None], w[batch:], w[:batch])
-    return ws, _synthesize(G, ws)
+    return ws, synthesize(G, ws)
 
 
 def _lr_factor(step: int, total: int) -> float:
@@ -107,7 +111,7 @@ def _stage_losses(encoder: Encoder, G: nn.Module, x: torch.Tensor, w_true: Optio
                   settings: StageSettings, lpips: Optional[nn.Module]) -> dict[str, torch.Tensor]:
     """Weighted total ``loss`` and its parts; ``w_true`` belongs to the first rows of ``x``."""
     ws = encoder(x)
-    img = _synthesize(G, ws)
+    img = synthesize(G, ws)
     parts: dict[str, torch.Tensor] = {"pixel": (img - x).square().mean()}
     if w_true is not None and settings.latent_weight:
         parts["latent"] = ((ws[:len(w_true)] - w_true) / encoder.w_scale).square().mean()

@@ -23,7 +23,7 @@ import torch
 from handsoff.errors import HandsoffError
 from handsoff.gan.digest import generator_digest
 from handsoff.label.model import HypercolumnLabeler, LabelerConfig
-from handsoff.utils.io import atomic_path
+from handsoff.utils.io import save_safetensors
 
 __all__ = ["LABELER_FORMAT", "save_labeler", "load_labeler", "read_labeler_metadata"]
 
@@ -42,14 +42,11 @@ def save_labeler(path: PathLike, labeler: HypercolumnLabeler, G: torch.nn.Module
         G: its generator (only its digest is stored).
         extra: JSON-able record kept in the metadata (`read_labeler_metadata` returns it).
     """
-    from safetensors.torch import save_file
-
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in labeler.state_dict().items()}
     metadata = {"format": LABELER_FORMAT, "version": _VERSION, "generator_digest": generator_digest(G),
                 "config": json.dumps(labeler.config.to_dict(), sort_keys=True),
                 "extra": json.dumps(dict(extra or {}), sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, os.fspath(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
     return Path(path)
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
 
 from handsoff.defaults import DEFAULT_GENERATOR
-from handsoff.errors import HandsoffError
+from handsoff.utils.threads import add_threads_option
 
 __all__ = ["register"]
 
@@ -26,7 +25,8 @@ and report.json record how many were kept. --keep-all keeps every sample and sto
 filter's verdict in each shard's 'keep' dataset.
 
 Rerunning the same command resumes: finished shards (checked by sha256) are skipped and the
-others are made again, byte for byte the same (same device, --batch and thread count). A
+others are made again, byte for byte the same (same device, --batch and --threads: floating-point
+sums depend on the thread count, so report.json records all three under bytes_depend_on). A
 folder holding a corpus made with other settings is refused, and so is a second run
 writing into the same folder.
 """
@@ -52,9 +52,10 @@ its own, rank 0 merges the manifest.
 RUN_DESCRIPTION = """\
 Run the pipeline from one TOML file: [labeled] (a labeled-set folder, or [labeled.render]
 from a built-in domain), [encoder] (a given encoder file, or fit-encoder settings),
-[invert], [labeler] (fit-labeler settings) and [generate] (generate settings and batch),
-plus out, generator and device at the top. Stages: render, fit-encoder, invert,
-fit-labeler, generate; each writes OUTPUT.stamp.json with its input digests and settings,
+[invert], [tune] (optional pivotal tuning: `handsoff tune`'s settings; fit-labeler and generate
+then use the tuned generator), [labeler] (fit-labeler settings) and [generate] (generate
+settings and batch), plus out, generator and device at the top. Stages: render, fit-encoder,
+invert, tune, fit-labeler, generate; each writes OUTPUT.stamp.json with its input digests and settings,
 and a rerun skips every stage whose output exists with unchanged inputs (an interrupted
 generate stage resumes). Relative paths are relative to the config file. `handsoff demo
 --out DIR` writes and runs such a config (DIR/demo.toml).
@@ -80,8 +81,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16, help="latents per forward pass (default: 16)")
     p.add_argument("--shard-size", type=int, default=1000, help="generated samples per shard (default: 1000)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, one per core; torchrun: 1 per process)")
+    add_threads_option(p)
     p.add_argument("--noise-mode", choices=("const", "random", "none"), default="const",
                    help="synthesis noise (default: const, reproducible)")
     p.add_argument("--store-ws", action="store_true", help="store each sample's W+ code in the shards")
@@ -100,20 +100,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_generate)
 
 
-def _set_threads(threads: Optional[int]) -> None:
-    if threads is not None:
-        import torch
-
-        if threads < 1:
-            raise HandsoffError(f"--threads must be at least 1 (got {threads})")
-        torch.set_num_threads(threads)
-
-
 def _run_generate(args: argparse.Namespace) -> None:
     from handsoff.synth.generation import generate
     from handsoff.synth.settings import GenerateSettings
 
-    _set_threads(args.threads)
     settings = GenerateSettings(
         n=args.n, seed=args.seed, truncation=args.truncation, filter=args.filter, keep_all=args.keep_all,
         shard_size=args.shard_size, noise_mode=args.noise_mode, store_ws=args.store_ws, mix_from=args.mix_from,
@@ -156,6 +146,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                        description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="pipeline config (.toml)")
     p.add_argument("--device", default=None, help="override the config's device")
+    add_threads_option(p, default=None, help_text="override the config's torch CPU threads (its 'threads'; "
+                                                  "default 1, see handsoff generate --help)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_run)
 
@@ -166,6 +158,8 @@ def _run_run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.device is not None:
         config.device = args.device
+    if args.threads is not None:
+        config.threads = args.threads
     run_pipeline(config, progress=not args.no_progress)
 
 
@@ -179,6 +173,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--n", type=int, default=1000, help="samples to generate (default: 1000)")
+    add_threads_option(p)
+    p.add_argument("--tune-steps", type=int, default=None,
+                   help="pivotal-tuning steps: tune the generator on the 16 images first, into DIR/tuned/ "
+                        "(`handsoff tune`); 0 = no tuning (default: handsoff.synth.demo.DEMO_TUNE_STEPS, "
+                        "now no tuning)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
 
@@ -186,7 +185,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     from handsoff.synth.demo import run_demo
 
-    run_demo(args.out, device=args.device, n=args.n, progress=not args.no_progress)
+    tune = {} if args.tune_steps is None else {"tune_steps": args.tune_steps}  # None: the demo's default
+    run_demo(args.out, device=args.device, n=args.n, progress=not args.no_progress, threads=args.threads, **tune)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@
     out = "runs/faces"                 # every output goes here
     generator = "ffhq256.safetensors"  # default: the shipped built-in-domain generator
     device = "auto"
-    threads = 1                        # torch CPU threads (default: one per core)
+    threads = 1                        # torch CPU threads (default: 1, see handsoff.utils.threads)
 
     [labeled]                          # the few labeled images: a labeled-set folder ...
     path = "my_labeled_faces"
@@ -24,6 +24,9 @@
     [invert]                           # invert_images' settings: refine_steps, batch, seed
     refine_steps = 100
 
+    [tune]                             # optional: pivotal tuning (tune_generator's settings: steps,
+    steps = 100                        # lr, batch, locality_weight, ...); without the table, no tuning
+
     [labeler]                          # fit_labeler's settings: tasks, ensemble, hidden, steps, ...
     ensemble = 10
 
@@ -34,8 +37,10 @@
 Relative paths are relative to the config file's folder. Stages and their outputs in ``out``:
 ``render`` -> ``labeled/`` (with ``[labeled.render]``), ``fit-encoder`` ->
 ``encoder.safetensors`` (without ``[encoder] path``), ``invert`` -> ``latents.safetensors``,
-``fit-labeler`` -> ``labeler.safetensors``, ``generate`` -> ``shards/`` (shards,
-manifest.json, preview.png, report.json). Each output gets a stamp file
+``tune`` (with ``[tune]``) -> ``tuned/`` (G' and the latents re-stamped for it:
+`handsoff.invert.tune.tune_folder`), ``fit-labeler`` -> ``labeler.safetensors``, ``generate`` ->
+``shards/`` (shards, manifest.json, preview.png, report.json). With ``[tune]``, fit-labeler and
+generate use the tuned generator and its latents. Each output gets a stamp file
 (`handsoff.synth.stages`): a rerun skips every stage whose inputs and settings are unchanged,
 and a generate stage interrupted midway resumes. ``out/run.json`` records what ran and how
 long each stage took (wall and CPU seconds).
@@ -52,6 +57,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from handsoff.defaults import DEFAULT_GENERATOR
 from handsoff.errors import HandsoffError
+from handsoff.utils.threads import DEFAULT_THREADS
 from handsoff.synth.stages import Stage, run_stages
 from handsoff.utils.io import PathLike, atomic_write_bytes
 
@@ -59,7 +65,7 @@ __all__ = ["PipelineConfig", "load_config", "config_from_dict", "build_stages", 
            "RUN_RECORD"]
 
 RUN_RECORD = "run.json"
-_TOP_KEYS = {"out", "generator", "device", "threads", "labeled", "encoder", "invert", "labeler", "generate"}
+_TOP_KEYS = {"out", "generator", "device", "threads", "labeled", "encoder", "invert", "tune", "labeler", "generate"}
 
 
 @dataclass
@@ -70,13 +76,15 @@ class PipelineConfig:
         out: output folder.
         generator: generator checkpoint.
         device: ``auto``, ``cpu``, ``cuda``, ...
-        threads: torch CPU threads for the run (None: torch's default, one per core).
+        threads: torch CPU threads for the run (default `DEFAULT_THREADS`, 1: fastest on a shared CPU;
+            None: leave torch's setting as it is).
         labeled: a labeled-set folder (None when ``render`` is given).
         render: built-in-domain render settings: ``domain``, ``n``, ``seed``, ``size``.
         encoder: a given encoder file (None: fit one with ``fit_encoder``).
         fit_encoder: `handsoff.invert.train.fit_encoder` keyword arguments (plus
             ``use_labeled_images``).
         invert: `handsoff.invert.invert.invert_images` keyword arguments.
+        tune: `handsoff.invert.tune.tune_generator` keyword arguments; None = no tuning stage.
         labeler: `handsoff.label.train.fit_labeler` keyword arguments.
         generate: `GenerateSettings` fields plus ``batch``.
         source: the file the config was read from (for messages).
@@ -85,12 +93,13 @@ class PipelineConfig:
     out: Path
     generator: Path = DEFAULT_GENERATOR
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: Optional[int] = DEFAULT_THREADS
     labeled: Optional[Path] = None
     render: Optional[dict[str, Any]] = None
     encoder: Optional[Path] = None
     fit_encoder: dict[str, Any] = field(default_factory=dict)
     invert: dict[str, Any] = field(default_factory=dict)
+    tune: Optional[dict[str, Any]] = None
     labeler: dict[str, Any] = field(default_factory=dict)
     generate: dict[str, Any] = field(default_factory=dict)
     source: str = "<config>"
@@ -140,10 +149,11 @@ def config_from_dict(data: Mapping[str, Any], base: Path = Path("."), source: st
                             f"give one or the other")
     return PipelineConfig(
         out=path(data["out"]), generator=path(data.get("generator", DEFAULT_GENERATOR)),
-        device=str(data.get("device", "auto")), threads=_threads(data.get("threads"), source),
+        device=str(data.get("device", "auto")), threads=_threads(data.get("threads", DEFAULT_THREADS), source),
         labeled=None if labeled_path is None else path(labeled_path),
         render=render, encoder=None if encoder_path is None else path(encoder_path), fit_encoder=encoder,
-        invert=_table(data, "invert", source), labeler=_table(data, "labeler", source),
+        invert=_table(data, "invert", source), tune=_table(data, "tune", source) if "tune" in data else None,
+        labeler=_table(data, "labeler", source),
         generate=_table(data, "generate", source), source=source)
 
 
@@ -199,11 +209,11 @@ def _kwargs(func: Callable[..., Any], settings: Mapping[str, Any], section: str,
 
 
 class _Models:
-    """Loads the generator once, on first use, on the configured device."""
+    """Loads each generator once, on first use, on the configured device."""
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
-        self._G: Any = None
+        self._loaded: dict[Path, Any] = {}
 
     @property
     def device(self) -> Any:
@@ -213,11 +223,16 @@ class _Models:
 
     @property
     def G(self) -> Any:
-        if self._G is None:
+        """The configured generator."""
+        return self.load(self.config.generator)
+
+    def load(self, path: Path) -> Any:
+        """The generator of ``path`` (a tuned one is loaded only after the stage that writes it ran)."""
+        if path not in self._loaded:
             from handsoff.gan.checkpoints import load_generator
 
-            self._G = load_generator(self.config.generator, device=self.device)
-        return self._G
+            self._loaded[path] = load_generator(path, device=self.device)
+        return self._loaded[path]
 
 
 @dataclass(frozen=True)
@@ -225,14 +240,22 @@ class _Paths:
     labeled: Path
     encoder: Path
     latents: Path
+    tuned: Path
     labeler: Path
     shards: Path
+    generator: Path  # what fit-labeler and generate use: G, or G' with [tune]
+    labeler_latents: Path  # the latents that belong to it
 
     @staticmethod
     def of(config: PipelineConfig) -> "_Paths":
+        from handsoff.invert.tune import TUNED_GENERATOR, TUNED_LATENTS
+
         out = config.out
+        tuned, latents = out / "tuned", out / "latents.safetensors"
         return _Paths(labeled=config.labeled or out / "labeled", encoder=config.encoder or out / "encoder.safetensors",
-                      latents=out / "latents.safetensors", labeler=out / "labeler.safetensors", shards=out / "shards")
+                      latents=latents, tuned=tuned, labeler=out / "labeler.safetensors", shards=out / "shards",
+                      generator=tuned / TUNED_GENERATOR if config.tune is not None else config.generator,
+                      labeler_latents=tuned / TUNED_LATENTS if config.tune is not None else latents)
 
 
 def _render_stage(config: PipelineConfig, paths: _Paths, progress: bool) -> Stage:
@@ -298,6 +321,23 @@ def _invert_stage(config: PipelineConfig, paths: _Paths, models: _Models, progre
                  inputs={"generator": config.generator, "encoder": paths.encoder, "labeled": paths.labeled})
 
 
+def _tune_stage(config: PipelineConfig, paths: _Paths, models: _Models, progress: bool) -> Stage:
+    from handsoff.invert.tune import TUNED_GENERATOR, TUNED_LATENTS, tune_folder, tune_generator
+
+    kwargs = _kwargs(tune_generator, config.tune or {}, "tune", config.source,
+                     reserved=("G", "ws", "images", "lpips", "progress", "callback"))
+
+    def run() -> None:
+        tune_folder(config.generator, paths.latents, paths.labeled, paths.tuned, device=models.device,
+                    overwrite=True, progress=progress, command=f"handsoff run {config.source}", **kwargs)
+
+    def done() -> bool:
+        return (paths.tuned / TUNED_GENERATOR).is_file() and (paths.tuned / TUNED_LATENTS).is_file()
+
+    return Stage("tune", paths.tuned, run, settings=kwargs, done=done,
+                 inputs={"generator": config.generator, "latents": paths.latents, "labeled": paths.labeled})
+
+
 def _fit_labeler_stage(config: PipelineConfig, paths: _Paths, models: _Models, progress: bool) -> Stage:
     from handsoff.label.train import fit_labeler
 
@@ -310,15 +350,17 @@ def _fit_labeler_stage(config: PipelineConfig, paths: _Paths, models: _Models, p
         from handsoff.invert.latents import load_latents
         from handsoff.label.io import save_labeler
 
-        G = models.G
+        G = models.load(paths.generator)
         labels = read_labeled_set(paths.labeled)
-        latents = load_latents(paths.latents, expect_digest=generator_digest(G), expect_shape=(G.num_ws, G.w_dim))
-        ws = latents.select(labels.names, paths.latents).to(models.device)
+        latents = load_latents(paths.labeler_latents, expect_digest=generator_digest(G),
+                               expect_shape=(G.num_ws, G.w_dim))
+        ws = latents.select(labels.names, paths.labeler_latents).to(models.device)
         labeler = fit_labeler(G, ws, labels, device=models.device, progress=progress, **kwargs)
-        save_labeler(paths.labeler, labeler, G, extra={"labeled": str(paths.labeled), "latents": str(paths.latents)})
+        save_labeler(paths.labeler, labeler, G,
+                     extra={"labeled": str(paths.labeled), "latents": str(paths.labeler_latents)})
 
     return Stage("fit-labeler", paths.labeler, run, settings=kwargs,
-                 inputs={"generator": config.generator, "latents": paths.latents, "labeled": paths.labeled})
+                 inputs={"generator": paths.generator, "latents": paths.labeler_latents, "labeled": paths.labeled})
 
 
 def _generate_stage(config: PipelineConfig, paths: _Paths, progress: bool) -> Stage:
@@ -334,14 +376,14 @@ def _generate_stage(config: PipelineConfig, paths: _Paths, progress: bool) -> St
     def run() -> None:
         from handsoff.synth.generation import generate
 
-        generate(paths.labeler, paths.shards, settings, generator=config.generator, batch=batch,
+        generate(paths.labeler, paths.shards, settings, generator=paths.generator, batch=batch,
                  device=config.device, progress=progress)
 
     def done() -> bool:
         manifest = read_manifest(paths.shards) if (paths.shards / "manifest.json").exists() else None
         return manifest is not None and manifest.complete
 
-    return Stage("generate", paths.shards, run, inputs={"generator": config.generator, "labeler": paths.labeler},
+    return Stage("generate", paths.shards, run, inputs={"generator": paths.generator, "labeler": paths.labeler},
                  settings={**settings.to_dict(), "batch": batch}, done=done)
 
 
@@ -354,8 +396,10 @@ def build_stages(config: PipelineConfig, progress: bool = True) -> list[Stage]:
         stages.append(_render_stage(config, paths, progress))
     if config.encoder is None:
         stages.append(_fit_encoder_stage(config, paths, models, progress))
-    stages += [_invert_stage(config, paths, models, progress), _fit_labeler_stage(config, paths, models, progress),
-               _generate_stage(config, paths, progress)]
+    stages.append(_invert_stage(config, paths, models, progress))
+    if config.tune is not None:
+        stages.append(_tune_stage(config, paths, models, progress))
+    stages += [_fit_labeler_stage(config, paths, models, progress), _generate_stage(config, paths, progress)]
     return stages
 
 

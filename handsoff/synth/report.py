@@ -41,7 +41,8 @@ def build_report(manifest: Manifest, run: Mapping[str, Any], sources: Mapping[st
     second of this invocation, all processes), ``this_run``, ``settings``, the generator,
     labeler and ``--around`` digests, ``labels`` (classes, keypoint names, depth),
     ``want_class`` (with ``--want-class``: candidates tried, accepted, acceptance rate),
-    ``sources`` and ``finished_at``.
+    ``sources``, ``finished_at`` and ``bytes_depend_on`` (device, batch and torch threads of this
+    run: shards made with others hold other bytes).
     """
     identity = manifest.identity
     settings = identity["settings"]
@@ -58,6 +59,8 @@ def build_report(manifest: Manifest, run: Mapping[str, Any], sources: Mapping[st
         "flagged_uncertain": sum(drop_count(e.generated, settings["filter"]) for e in manifest.shards),
         "samples_per_s": round(run["generated"] / seconds, 2) if seconds > 0 and run.get("generated") else 0.0,
         "this_run": dict(run),
+        # The same settings and seeds give the same bytes only with these compute settings too.
+        "bytes_depend_on": {key: run.get(key) for key in ("device", "batch", "torch_threads")},
         "settings": settings,
         "generator_digest": identity["generator_digest"],
         "labeler_digest": identity["labeler_digest"],
