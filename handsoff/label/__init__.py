@@ -8,6 +8,8 @@ Modules (imported explicitly; nothing heavy is imported here):
 * `handsoff.label.infer`: `label_ws`, latents -> images + `LabelPrediction` in one call.
 * `handsoff.label.evaluate`: `evaluate_labeler`, mIoU / PCK / depth scores on a labeled set.
 * `handsoff.label.io`: `save_labeler` / `load_labeler`, the labeler file tied to its generator.
+* `handsoff.label.transfer`: `transfer_labels`, labels moved onto the reconstructions by optical
+  flow (``fit_labeler(transfer_labels='flow')``).
 * `handsoff.label.heads`, `handsoff.label.features`, `handsoff.label.targets`: the task heads
   and uncertainty, exact bilinear resampling and row gathering, label preparation.
 * `handsoff.label.prediction`: `LabelPrediction`, what the labeler returns.

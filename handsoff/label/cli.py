@@ -9,6 +9,7 @@ from typing import Optional
 
 from handsoff.defaults import DEFAULT_GENERATOR
 from handsoff.errors import HandsoffError
+from handsoff.utils.threads import add_threads_option
 
 __all__ = ["register", "parse_int_list"]
 
@@ -36,7 +37,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from handsoff.label.defaults import DEFAULT_BATCH_PIXELS, DEFAULT_STEPS
+    from handsoff.label.defaults import (DEFAULT_BATCH_PIXELS, DEFAULT_FLOW_METHOD, DEFAULT_STEPS, FLOW_METHODS,
+                                         TRANSFER_MODES)
 
     p = sub.add_parser("fit-labeler", help="train a hypercolumn labeler on labeled images and their latents",
                        description=DESCRIPTION)
@@ -57,8 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="side of the label maps (default: the generator's resolution)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     p.add_argument("--class-balanced", action="store_true", help="sample segmentation classes uniformly")
+    p.add_argument("--transfer-labels", choices=TRANSFER_MODES, default="none",
+                   help="none: train on the labels as given; flow: first move each image's labels onto its "
+                        "reconstruction G(w) by dense optical flow (real image <-> reconstruction, --flow-method), "
+                        "so that a part the inversion draws elsewhere keeps its label; pixels and keypoints whose "
+                        "flow fails a forward-backward check are left out of training (default: none)")
+    p.add_argument("--flow-method", choices=FLOW_METHODS, default=DEFAULT_FLOW_METHOD,
+                   help=f"optical flow of --transfer-labels flow (default: {DEFAULT_FLOW_METHOD})")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and pixel sampling (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    add_threads_option(p)
     p.add_argument("--heldout-latents", type=Path, default=None, help="latents of a held-out labeled set")
     p.add_argument("--heldout-labels", type=Path, default=None, help="held-out labeled-set folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
@@ -131,10 +141,12 @@ def _run_fit_labeler(args: argparse.Namespace) -> None:
     settings = {"labels": str(args.labels), "images": len(labels), "tasks": tasks, "ensemble": args.ensemble,
                 "steps": args.steps, "batch_pixels": args.batch_pixels, "hidden": hidden, "layers": layers,
                 "label_resolution": args.label_resolution, "lr": args.lr, "class_balanced": args.class_balanced,
-                "seed": args.seed}
+                "seed": args.seed, "transfer_labels": args.transfer_labels,
+                "flow_method": args.flow_method if args.transfer_labels == "flow" else None}
     labeler = fit_labeler(G, ws, labels, tasks=tasks, ensemble=args.ensemble, hidden=hidden, layers=layers,
                           label_resolution=args.label_resolution, steps=args.steps, batch_pixels=args.batch_pixels,
-                          lr=args.lr, seed=args.seed, device=device, class_balanced=args.class_balanced)
+                          lr=args.lr, seed=args.seed, device=device, class_balanced=args.class_balanced,
+                          transfer_labels=args.transfer_labels, flow_method=args.flow_method)
     extra: dict = {"training": settings}
     report = None
     if heldout is not None:

@@ -55,7 +55,8 @@ if TYPE_CHECKING:  # model.py imports this module
     from handsoff.label.model import LabelerConfig
 
 __all__ = ["IGNORE_INDEX", "TOP_FRACTION", "DEPTH_SI_WEIGHT", "default_keypoint_sigma", "js_divergence",
-           "top_fraction_mean", "heatmap_targets", "decode_heatmaps", "depth_loss", "PredictionBuilder"]
+           "top_fraction_mean", "heatmap_targets", "keypoint_loss", "decode_heatmaps", "depth_loss",
+           "PredictionBuilder"]
 
 IGNORE_INDEX = 255
 TOP_FRACTION = 0.1  # the image score averages the most uncertain 10% of pixels
@@ -113,6 +114,24 @@ def heatmap_targets(keypoints: Tensor, y: Tensor, x: Tensor, sigma: float) -> Te
     dx = x[:, None].float() + 0.5 - keypoints[..., 0]
     dy = y[:, None].float() + 0.5 - keypoints[..., 1]
     return torch.exp(-(dx * dx + dy * dy) / (2 * sigma * sigma)) * (keypoints[..., 2] > 0.5)
+
+
+def keypoint_loss(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Binary cross-entropy of heatmap logits against `heatmap_targets`, per member.
+
+    Args:
+        logits: ``[M, P, K]`` (members, pixels, keypoints).
+        targets: ``[M, P, K]`` heatmap values in [0, 1].
+        weight: ``[M, P, K]`` in {0, 1}, or None (all 1): 0 leaves a keypoint of a pixel's image
+            out, for keypoints whose visibility is unknown (neither present nor absent).
+
+    Returns:
+        ``[M]``: the mean over the weighted entries (0 for a member without any).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if weight is None:
+        return bce.mean((1, 2))
+    return (bce * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1)
 
 
 def _parabola_vertex(left: Tensor, centre: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:

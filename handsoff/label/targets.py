@@ -23,7 +23,8 @@ from handsoff.data.labeled_set import IMAGE_SUFFIXES, LabeledSet
 from handsoff.errors import HandsoffError
 from handsoff.label.model import TASKS
 
-__all__ = ["LabelMaps", "carried_tasks", "check_latents", "resolve_tasks", "labels_at_resolution"]
+__all__ = ["LabelMaps", "carried_tasks", "check_latents", "resolve_tasks", "labels_at_resolution", "image_path",
+           "valid_depth", "check_square"]
 
 #: The meta.json keys of image-level class labels, which this labeler does not learn.
 IMAGE_LABEL_KEYS = ("image_labels", "image_classes")
@@ -37,11 +38,14 @@ class LabelMaps:
         seg: uint8 ``[N, R, R]`` (255 = ignore), or None.
         depth: float32 ``[N, R, R]``, NaN where invalid, or None.
         keypoints: float32 ``[N, K, 3]`` (x, y in label pixels, visible), or None.
+        keypoint_known: bool ``[N, K]``: False for a keypoint whose visibility is unknown (its
+            label was lost, e.g. by `handsoff.label.transfer`), which training skips; None = all known.
     """
 
     seg: Optional[np.ndarray]
     depth: Optional[np.ndarray]
     keypoints: Optional[np.ndarray]
+    keypoint_known: Optional[np.ndarray] = None
 
 
 def carried_tasks(labels: LabeledSet) -> dict[str, bool]:
@@ -89,7 +93,8 @@ def resolve_tasks(labels: LabeledSet, tasks: Optional[Sequence[str]]) -> tuple[s
     return tuple(t for t in TASKS if t in tasks)
 
 
-def _image_path(labels: LabeledSet, name: str) -> Path:
+def image_path(labels: LabeledSet, name: str) -> Path:
+    """The image file of ``name`` in the set (for messages; the bare name under images/ when not found)."""
     for suffix in IMAGE_SUFFIXES:
         path = labels.root / "images" / f"{name}{suffix}"
         if path.exists():
@@ -103,13 +108,26 @@ def _resize(array: np.ndarray, size: int, mode: str) -> np.ndarray:
     return F.interpolate(tensor, size=(size, size), mode=mode, **kwargs)[0, 0].numpy()
 
 
+def valid_depth(depth: np.ndarray) -> np.ndarray:
+    """bool mask of the depth labels the labeler uses: finite and > 0 (0 marks "no depth here")."""
+    return np.isfinite(depth) & (depth > 0)
+
+
 def _resize_depth(depth: np.ndarray, size: int) -> np.ndarray:
-    valid = (np.isfinite(depth) & (depth > 0)).astype(np.float32)
+    valid = valid_depth(depth).astype(np.float32)
     if depth.shape[0] == size:
         return np.where(valid > 0, depth, np.nan).astype(np.float32)
     weight = _resize(valid, size, "bilinear")
     total = _resize(np.where(valid > 0, depth, 0.0), size, "bilinear")
     return np.where(weight > 1 - 1e-4, total / np.maximum(weight, 1e-12), np.nan).astype(np.float32)
+
+
+def check_square(labels: LabeledSet) -> None:
+    """Refuse a set with a non-square image (one-line HandsoffError naming the image file)."""
+    for name, image in zip(labels.names, labels.images):
+        if image.shape[0] != image.shape[1]:
+            raise HandsoffError(f"{image_path(labels, name)}: image is {image.shape[1]}x{image.shape[0]}; the "
+                                "labeler needs square images like the generator's")
 
 
 def labels_at_resolution(labels: LabeledSet, resolution: int, tasks: Sequence[str]) -> LabelMaps:
@@ -118,10 +136,7 @@ def labels_at_resolution(labels: LabeledSet, resolution: int, tasks: Sequence[st
     Raises:
         HandsoffError: naming the image file when an image is not square.
     """
-    for name, image in zip(labels.names, labels.images):
-        if image.shape[0] != image.shape[1]:
-            raise HandsoffError(f"{_image_path(labels, name)}: image is {image.shape[1]}x{image.shape[0]}; the "
-                                "labeler needs square images like the generator's")
+    check_square(labels)
     sizes = [image.shape[0] for image in labels.images]
     seg = depth = keypoints = None
     if "seg" in tasks:

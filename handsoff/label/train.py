@@ -31,12 +31,14 @@ from torch import Tensor
 
 from handsoff.data.labeled_set import IGNORE_INDEX, LabeledSet
 from handsoff.errors import HandsoffError
-from handsoff.label.defaults import DEFAULT_BATCH_PIXELS, DEFAULT_STEPS
+from handsoff.label.defaults import (DEFAULT_BATCH_PIXELS, DEFAULT_FLOW_METHOD, DEFAULT_STEPS, FLOW_METHODS,
+                                     TRANSFER_MODES)
 from handsoff.label.features import FeatureBank
-from handsoff.label.heads import depth_loss, heatmap_targets
+from handsoff.label.heads import depth_loss, heatmap_targets, keypoint_loss
 from handsoff.label.infer import synthesis_chunks
 from handsoff.label.model import HypercolumnLabeler, LabelerConfig, member_seed
-from handsoff.label.targets import LabelMaps, check_latents, labels_at_resolution, resolve_tasks
+from handsoff.label.targets import LabelMaps, check_latents, check_square, labels_at_resolution, resolve_tasks
+from handsoff.label.transfer import labels_on_reconstructions
 
 __all__ = ["DEFAULT_STEPS", "DEFAULT_BATCH_PIXELS", "KEYPOINT_FRACTION", "fit_labeler", "feature_bank",
            "check_layers"]
@@ -75,6 +77,7 @@ class _Targets:
     seg: Optional[Tensor]  # int64 [N, R, R], 255 = ignore
     keypoints: Optional[Tensor]  # float32 [N, K, 3]
     depth_z: Optional[Tensor]  # float32 [N, R, R] normalised log-depth, NaN = invalid
+    keypoint_weight: Optional[Tensor] = None  # float32 [N, K]: 0 = unknown keypoint (not trained); None = all 1
 
     @staticmethod
     def create(maps: LabelMaps, log_mean: float, log_std: float, device: torch.device) -> "_Targets":
@@ -83,7 +86,10 @@ class _Targets:
         depth_z = None
         if maps.depth is not None:
             depth_z = ((torch.from_numpy(maps.depth).log() - log_mean) / log_std).to(device)
-        return _Targets(seg, keypoints, depth_z)
+        weight = None
+        if maps.keypoint_known is not None and keypoints is not None:
+            weight = torch.from_numpy(np.asarray(maps.keypoint_known, np.float32)).to(device)
+        return _Targets(seg, keypoints, depth_z, weight)
 
 
 def _depth_stats(depth: Optional[np.ndarray], labels: LabeledSet) -> tuple[float, float]:
@@ -162,8 +168,9 @@ def _losses(out: Tensor, pixels: Tensor, targets: _Targets, config: LabelerConfi
     if "keypoints" in slices:
         heat = heatmap_targets(targets.keypoints[image.flatten()], y.flatten(), x.flatten(), config.keypoint_sigma)
         logits = out[..., slices["keypoints"]]
-        bce = F.binary_cross_entropy_with_logits(logits, heat.view_as(logits), reduction="none")
-        losses["keypoints"] = bce.mean((1, 2))
+        # An unknown keypoint (flow transfer lost it) is neither present nor absent: no loss on its image.
+        weight = None if targets.keypoint_weight is None else targets.keypoint_weight[image]
+        losses["keypoints"] = keypoint_loss(logits, heat.view_as(logits), weight)
     if "depth" in slices:
         losses["depth"] = depth_loss(out[..., slices["depth"].start], targets.depth_z[image, y, x], image,
                                      targets.depth_z.shape[0], config.depth_log_std)
@@ -175,6 +182,7 @@ def fit_labeler(G: torch.nn.Module, ws: Tensor, labels: LabeledSet, *, tasks: Op
                 label_resolution: Optional[int] = None, steps: int = DEFAULT_STEPS,
                 batch_pixels: int = DEFAULT_BATCH_PIXELS, lr: float = 1e-3, seed: int = 0,
                 device: torch.device | str = "cpu", progress: bool = True, class_balanced: bool = False,
+                transfer_labels: str = "none", flow_method: str = DEFAULT_FLOW_METHOD,
                 callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> HypercolumnLabeler:
     """Train a hypercolumn labeler on labeled images given by their latents.
 
@@ -200,6 +208,11 @@ def fit_labeler(G: torch.nn.Module, ws: Tensor, labels: LabeledSet, *, tasks: Op
         device: where features and training live.
         progress: show a tqdm progress bar.
         class_balanced: draw segmentation classes uniformly instead of pixels (for rare parts).
+        transfer_labels: ``'none'`` trains on the labels as given; ``'flow'`` first moves them
+            onto the reconstructions ``G(ws)`` by dense optical flow (`handsoff.label.transfer`):
+            where the inversion draws a part elsewhere, its label follows it, and pixels and
+            keypoints whose correspondence fails the forward-backward check are not trained.
+        flow_method: the optical flow of ``transfer_labels='flow'``: ``'dis'`` or ``'farneback'``.
         callback: called as ``callback(step, {"loss": ..., task: ...})`` after each step (means
             over members).
 
@@ -210,13 +223,22 @@ def fit_labeler(G: torch.nn.Module, ws: Tensor, labels: LabeledSet, *, tasks: Op
         HandsoffError: ws/labels mismatch, unknown or absent tasks, bad layers, non-square images.
     """
     check_latents(G, ws, labels)
+    if transfer_labels not in TRANSFER_MODES:
+        raise HandsoffError(f"transfer_labels {transfer_labels!r}: use one of {', '.join(TRANSFER_MODES)}")
+    if flow_method not in FLOW_METHODS:
+        raise HandsoffError(f"flow_method {flow_method!r}: use one of {', '.join(FLOW_METHODS)}")
     task_list = resolve_tasks(labels, tasks)
     layer_list = check_layers(G, layers)
     resolution = int(label_resolution or G.img_resolution)
     if steps < 1 or batch_pixels < 2:
         raise HandsoffError(f"need steps >= 1 and batch_pixels >= 2, got {steps} and {batch_pixels}")
     device = torch.device(device)
-    maps = labels_at_resolution(labels, resolution, task_list)
+    keypoint_known = None
+    if transfer_labels == "flow":
+        check_square(labels)
+        moved = labels_on_reconstructions(G, ws, labels, method=flow_method)
+        labels, keypoint_known = moved.labels, moved.keypoint_known
+    maps = replace(labels_at_resolution(labels, resolution, task_list), keypoint_known=keypoint_known)
     log_mean, log_std = _depth_stats(maps.depth, labels)
     config = LabelerConfig(
         feature_shapes=tuple(G.feature_shapes()), layers=layer_list, label_resolution=resolution,
