@@ -177,3 +177,13 @@ def test_images_only_is_a_valid_set(folder: Path) -> None:
     assert loaded.seg is None and loaded.depth is None and loaded.keypoints is None and len(loaded) == 4
     with pytest.raises(HandsoffError, match="to_batch needs"):
         loaded.to_batch()
+
+
+def test_a_set_without_keypoints_reads_back(tmp_path: Path, batch: LabeledBatch) -> None:
+    import dataclasses
+
+    bare = dataclasses.replace(batch, keypoints=batch.keypoints[:, :0])
+    out = write_labeled_set(bare, tmp_path / "set", {**_meta(), "keypoint_names": []})
+    assert not (out / "keypoints.json").exists()
+    labels = read_labeled_set(out)
+    assert labels.keypoints is None and len(labels) == len(batch)

@@ -183,7 +183,8 @@ def write_labeled_set(batches: LabeledBatch | Iterable[LabeledBatch], out_dir: P
         for batch in batches:
             _check_batch(batch, len(classes), len(keypoint_names), seen, out)
             _write_batch(batch, tmp, points)
-        _write_keypoints(tmp / "keypoints.json", list(keypoint_names), points)
+        if keypoint_names:  # keypoints.json is optional; one with no names would not read back
+            _write_keypoints(tmp / "keypoints.json", list(keypoint_names), points)
         _write_json(tmp / "meta.json", {**meta, "classes": list(classes), "keypoint_names": list(keypoint_names),
                                         "count": len(points)})
         _replace_dir(tmp, out)
