@@ -1186,13 +1186,16 @@ def part_train(args: argparse.Namespace) -> None:
                                       "PL runs on steps divisible by pl_interval, R1 on those divisible by "
                                       "r1_interval, so the mean over 16 steps is the training rate",
                               "warmup_s": {}, "step_s": {name: [] for name, _ in impls}}
-    for name, ctx in impls:
+    def timed_step(name: str, ctx: Callable[[], Any]) -> float:
         _sync(device)
         start = time.perf_counter()
         with ctx():
             trainers[name].train_step()
         _sync(device)
-        record["warmup_s"][name] = round(time.perf_counter() - start, 3)
+        return time.perf_counter() - start
+
+    for name, ctx in impls:
+        record["warmup_s"][name] = round(timed_step(name, ctx), 3)
     _save(args.work, "train", record)
     per_round = sum(record["warmup_s"].values())
     for i in range(steps):
@@ -1201,12 +1204,7 @@ def part_train(args: argparse.Namespace) -> None:
             break
         round_start = time.perf_counter()
         for name, ctx in impls:
-            _sync(device)
-            start = time.perf_counter()
-            with ctx():
-                trainers[name].train_step()
-            _sync(device)
-            record["step_s"][name].append(round(time.perf_counter() - start, 4))
+            record["step_s"][name].append(round(timed_step(name, ctx), 4))
         per_round = time.perf_counter() - round_start
         print(f"step {i + 1}: " + ", ".join(f"{n} {record['step_s'][n][-1]:.3f} s" for n, _ in impls), flush=True)
         _summarise_train(record, impls, cfg)

@@ -112,7 +112,9 @@ def add_train_gan_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                      help="stop (with a snapshot) at K kimg, before --kimg; rerun without it to continue")
     run.add_argument("--init-generator", type=Path, default=None, metavar="FILE",
                      help="start G and G_ema of a fresh run from this generator file (same architecture); "
-                          "D and the optimizers start anew; ignored when resuming")
+                          "D and the optimizers start anew; ignored when resuming. Measured on the shipped "
+                          "generator: the fresh D stayed at chance for 8 kimg, so prefer resuming a snapshot "
+                          "that has its D")
     run.add_argument("--state-file", type=Path, default=None, metavar="FILE",
                      help="also keep the newest snapshot in FILE (replaced at every snapshot) and resume from "
                           "it when RUN_DIR has none: a run that continues on another machine "
