@@ -37,8 +37,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from handsoff.label.defaults import (DEFAULT_BATCH_PIXELS, DEFAULT_FLOW_METHOD, DEFAULT_STEPS, FLOW_METHODS,
-                                         TRANSFER_MODES)
+    from handsoff.label.defaults import (DEFAULT_BATCH_PIXELS, DEFAULT_FLOW_METHOD, DEFAULT_STEPS, DEFAULT_TRANSFER,
+                                         FLOW_METHODS, TRANSFER_MODES)
 
     p = sub.add_parser("fit-labeler", help="train a hypercolumn labeler on labeled images and their latents",
                        description=DESCRIPTION)
@@ -59,11 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="side of the label maps (default: the generator's resolution)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     p.add_argument("--class-balanced", action="store_true", help="sample segmentation classes uniformly")
-    p.add_argument("--transfer-labels", choices=TRANSFER_MODES, default="none",
+    p.add_argument("--transfer-labels", choices=TRANSFER_MODES, default=DEFAULT_TRANSFER,
                    help="none: train on the labels as given; flow: first move each image's labels onto its "
                         "reconstruction G(w) by dense optical flow (real image <-> reconstruction, --flow-method), "
                         "so that a part the inversion draws elsewhere keeps its label; pixels and keypoints whose "
-                        "flow fails a forward-backward check are left out of training (default: none)")
+                        "flow fails a forward-backward check are left out of training (default: "
+                        f"{DEFAULT_TRANSFER}: better than none on every task, benchmarks/levers.py)")
     p.add_argument("--flow-method", choices=FLOW_METHODS, default=DEFAULT_FLOW_METHOD,
                    help=f"optical flow of --transfer-labels flow (default: {DEFAULT_FLOW_METHOD})")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and pixel sampling (default: 0)")

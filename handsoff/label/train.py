@@ -31,8 +31,8 @@ from torch import Tensor
 
 from handsoff.data.labeled_set import IGNORE_INDEX, LabeledSet
 from handsoff.errors import HandsoffError
-from handsoff.label.defaults import (DEFAULT_BATCH_PIXELS, DEFAULT_FLOW_METHOD, DEFAULT_STEPS, FLOW_METHODS,
-                                     TRANSFER_MODES)
+from handsoff.label.defaults import (DEFAULT_BATCH_PIXELS, DEFAULT_FLOW_METHOD, DEFAULT_STEPS, DEFAULT_TRANSFER,
+                                     FLOW_METHODS, TRANSFER_MODES)
 from handsoff.label.features import FeatureBank
 from handsoff.label.heads import depth_loss, heatmap_targets, keypoint_loss
 from handsoff.label.infer import synthesis_chunks
@@ -182,7 +182,7 @@ def fit_labeler(G: torch.nn.Module, ws: Tensor, labels: LabeledSet, *, tasks: Op
                 label_resolution: Optional[int] = None, steps: int = DEFAULT_STEPS,
                 batch_pixels: int = DEFAULT_BATCH_PIXELS, lr: float = 1e-3, seed: int = 0,
                 device: torch.device | str = "cpu", progress: bool = True, class_balanced: bool = False,
-                transfer_labels: str = "none", flow_method: str = DEFAULT_FLOW_METHOD,
+                transfer_labels: str = DEFAULT_TRANSFER, flow_method: str = DEFAULT_FLOW_METHOD,
                 callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> HypercolumnLabeler:
     """Train a hypercolumn labeler on labeled images given by their latents.
 

@@ -1,7 +1,10 @@
 """``handsoff demo``: the built-in domain end to end, as a predefined pipeline config.
 
-16 labeled images of the 'heads' domain (seed 0, 64x64) -> inverted with the shipped encoder
--> a labeler fitted on them -> 1,000 generated labeled images from the shipped generator.
+16 labeled images of the 'heads' domain (seed 0, 64x64) -> inverted with the shipped encoder and
+50 refinement steps -> a labeler fitted on them, their labels moved onto the reconstructions by
+optical flow (`fit_labeler`'s default) -> 1,000 generated labeled images from the shipped generator.
+Refinement and flow were chosen by `benchmarks/levers.py`: encoder only, the demo's former
+setting, was worse on every task.
 The labeler is `fit_labeler`'s default, the paper's faces setting (ten members, hidden 256, 32).
 The demo runs torch on one CPU thread by default, as every long command does
 (`handsoff.utils.threads`); the whole demo took 3 min 45 s on one thread of this project's
@@ -27,6 +30,8 @@ __all__ = ["DEMO_ENCODER", "DEMO_TUNE_STEPS", "demo_config", "run_demo"]
 
 DEMO_ENCODER = CHECKPOINTS_DIR / "heads64" / "encoder.safetensors"
 DEMO_CONFIG_NAME = "demo.toml"
+#: Per-image refinement steps of the demo's inversion (about 2 minutes for 16 images on one thread).
+DEMO_REFINE_STEPS = 50
 #: Pivotal-tuning steps of the demo; None leaves the stage out (the generator is used as shipped).
 DEMO_TUNE_STEPS: Optional[int] = None
 
@@ -42,7 +47,7 @@ def demo_config(out: Path, device: str = "auto", n: int = 1000,
         "threads": threads,
         "labeled": {"render": {"domain": "heads", "n": 16, "seed": 0, "size": 64}},
         "encoder": {"path": str(DEMO_ENCODER)},
-        "invert": {"refine_steps": 0},
+        "invert": {"refine_steps": DEMO_REFINE_STEPS},
         "labeler": {"seed": 0},
         "generate": {"n": n, "seed": 0, "truncation": 0.7, "filter": 0.1, "shard_size": 250, "batch": 16},
     }
