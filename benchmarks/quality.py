@@ -5,9 +5,15 @@ labeled images (16 and 50) and each of 3 random draws of them, it trains the sam
 downstream model (`handsoff.bench`, one fixed schedule) on:
 
 * ``baseline``: the labeled images alone, augmented;
+* ``baseline-pretrained``: the same, the UNet's encoder starting from ImageNet VGG16 weights
+  (``handsoff bench --pretrained vgg16``): the papers' transfer-learning baseline;
 * ``handsoff``: 10,000 generated images labeled by a labeler fit on those images
   (render -> invert -> fit_labeler -> generate), unfiltered;
 * ``handsoff-filtered``: the same corpus without its 10% most uncertain samples;
+* ``handsoff+labeled`` / ``handsoff-filtered+labeled``: that corpus mixed with the labeled
+  images, which are a fixed ``--mix`` share (0.5) of every batch (``handsoff bench --mix``);
+* ``pretrain-finetune`` / ``pretrain-finetune-filtered``: trained on that corpus, then
+  fine-tuned on the labeled images (``handsoff bench --finetune``);
 * ablations, each a corpus made like ``handsoff`` with one stage changed:
   ``no-lpips`` (an encoder fitted here without the LPIPS fine-tune, ``--encoder-steps``
   supervised steps), ``no-refine``
@@ -40,10 +46,12 @@ on (a training also by the digests of the training code and of its corpus's mani
 rerun skips finished work and a changed setting redoes only what depends on it. Changes to
 upstream code (encoder, labeler, engine) are not tracked: delete the work folder after them.
 
-    python benchmarks/quality.py --jobs 2            # the full study (about 2.5 hours on an idle 2-core CPU)
+    python benchmarks/quality.py --jobs 2            # the full study (estimated 21 core-hours: about 11 hours
+                                                     # on an idle 2-core CPU since issue 17's model and arms)
     python benchmarks/quality.py --rereport benchmarks/results/quality-cpu.json   # re-judge, run nothing
     python benchmarks/quality.py --quick             # under 15 minutes: 16 images, 1 draw, 1,000 generated
     python benchmarks/quality.py --arms baseline oracle   # the arms that need no generator stage
+    python benchmarks/quality.py --pretrained vgg16      # every arm from the ImageNet encoder
 """
 from __future__ import annotations
 
@@ -68,7 +76,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import device_name, load_average  # noqa: E402
 from handsoff.bench.data import filter_by_uncertainty  # noqa: E402
 from handsoff.bench.tasks import TASKS  # noqa: E402
-from handsoff.bench.train import DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, train_and_score  # noqa: E402
+from handsoff.bench.defaults import DEFAULT_PRETRAINED_BLOCKS, FINETUNE_STEPS_FRACTION, PRETRAINED  # noqa: E402
+from handsoff.bench.train import (DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, mix_shares,  # noqa: E402
+                                  train_and_score)
 from handsoff.data.folder_dataset import LabeledFolderDataset  # noqa: E402
 from handsoff.data.labeled_set import LabeledSet, read_labeled_set, render_to_folder  # noqa: E402
 from handsoff.defaults import CHECKPOINTS_DIR, DEFAULT_GENERATOR  # noqa: E402
@@ -84,8 +94,13 @@ SIZE = 64
 #: Render seeds: the test set's is used by nothing else.
 SEEDS = {"test": 7001, "oracle": 7002, "heldout": 7003, "labeled": 7100, "generate": 1_000_000}
 
-GENERATED_ARMS = ("handsoff", "handsoff-filtered", "no-lpips", "no-refine", "w-space", "last-layers")
-ARMS = ("baseline", *GENERATED_ARMS, "oracle")
+#: Arms that combine the main corpus with the labeled images, the way users train on a corpus.
+COMBINED_ARMS = ("handsoff+labeled", "handsoff-filtered+labeled", "pretrain-finetune", "pretrain-finetune-filtered")
+GENERATED_ARMS = ("handsoff", "handsoff-filtered", *COMBINED_ARMS, "no-lpips", "no-refine", "w-space",
+                  "last-layers")
+ARMS = ("baseline", "baseline-pretrained", *GENERATED_ARMS, "oracle")
+#: The encoder of the transfer-learning baseline (``baseline-pretrained``).
+TRANSFER_ENCODER = "vgg16"
 HEADLINE_ARMS = ("handsoff-filtered", "handsoff")
 
 
@@ -107,7 +122,9 @@ PIPELINES = {
     "last-layers": Pipeline(last_layers=True),
 }
 ARM_PIPELINE = {"handsoff": "main", "handsoff-filtered": "main", "no-lpips": "no-lpips", "no-refine": "no-refine",
-                "w-space": "w-space", "last-layers": "last-layers"}
+                "w-space": "w-space", "last-layers": "last-layers", **{arm: "main" for arm in COMBINED_ARMS}}
+#: Arms trained on the corpus without its most uncertain samples.
+FILTERED_ARMS = ("handsoff-filtered", "handsoff-filtered+labeled", "pretrain-finetune-filtered")
 
 
 @dataclass(frozen=True)
@@ -119,9 +136,16 @@ class Settings:
     1,000-step labeler fit 162 s with ten members, generation 8.1 samples/s with ten members
     (25 with three), downstream training 0.14 s per step. The full HandsOff setting (ten
     members, 100 refinement steps, 1,000 downstream steps) would take about 8.5 core-hours
-    here; three members, 50 refinement steps and 600 downstream steps take about 4.5 (the
+    here; three members, 50 refinement steps and 600 downstream steps took about 4.5 (the
     recorded full run: 2.3 core-hours of downstream training, 1.35 of generation, about one
     for the no-LPIPS encoder, the inversions and the labelers).
+
+    The downstream model is the one `benchmarks/headroom.py` chose (issue 17): with the UNet
+    of width 8 and 600 steps, 10,000 real images did not beat 50 labeled ones (seg mIoU 0.434
+    vs 0.438) nor learn eye, nose or mouth; width 16 and 1,200 steps is the cheapest measured
+    configuration where they do (``results/headroom-cpu.json``). It costs about 4x per
+    training (0.25 CPU-s per step against 0.125), and the combined and pretrained arms add
+    trainings: the study no longer fits 2.5 hours on 2 cores (see benchmarks/README.md).
     """
 
     sizes: tuple[int, ...] = (16, 50)
@@ -134,10 +158,10 @@ class Settings:
     test_n: int = 1000
     oracle_n: int = 10_000
     heldout_n: int = 100
-    steps: int = 600
+    steps: int = 1200
     batch: int = DEFAULT_BATCH
     lr: float = DEFAULT_LR
-    width: int = DEFAULT_BASE
+    width: int = 16
     filter_quantile: float = 0.9
     refine_steps: int = 50
     labeler_steps: int = 1000
@@ -146,16 +170,30 @@ class Settings:
     encoder_lpips_steps: int = 500
     truncation: float = 0.7
     fd_samples: int = 1000
+    mix: float = 0.5
+    finetune_steps: Optional[int] = None
+    pretrained: Optional[str] = None
+    pretrained_blocks: int = DEFAULT_PRETRAINED_BLOCKS
 
     def training(self) -> dict[str, Any]:
-        return {"steps": self.steps, "batch": self.batch, "lr": self.lr, "width": self.width}
+        return {"steps": self.steps, "batch": self.batch, "lr": self.lr, "width": self.width,
+                "pretrained": self.pretrained, "pretrained_blocks": self.pretrained_blocks}
+
+    def finetuning_steps(self) -> int:
+        """Steps of the pretrain-finetune arms' second stage (`handsoff.bench.train`'s default share)."""
+        return self.finetune_steps or max(1, round(FINETUNE_STEPS_FRACTION * self.steps))
 
 
-#: ``--quick``: a smoke run of every stage in about 10 minutes on a 2-core CPU, not a measurement.
+#: ``--quick``: a smoke run of every stage and every kind of arm, not a measurement: about 14
+#: minutes on an idle 2-core CPU with one job (estimated from measured CPU seconds per step:
+#: UNet-8 0.125, VGG16's first two blocks 0.69; the other stages took 300 s in the earlier quick
+#: run). Hence 100 steps of the width-8 UNet, a two-block pretrained encoder (three cost 0.95 s
+#: per step), and the combined arms without their filtered twins, which add no stage.
 QUICK = Settings(sizes=(16,), ablation_sizes=(16,), ablation_draws=1, draws=1,
-                 arms=("baseline", "handsoff", "handsoff-filtered", "oracle"), n_generated=1000, test_n=300,
-                 oracle_n=1000, heldout_n=32, steps=200, refine_steps=20, labeler_steps=300, ensemble=3,
-                 encoder_steps=300, encoder_lpips_steps=50, fd_samples=500)
+                 arms=("baseline", "baseline-pretrained", "handsoff", "handsoff-filtered", "handsoff+labeled",
+                       "pretrain-finetune", "oracle"), n_generated=1000, test_n=300,
+                 oracle_n=1000, heldout_n=32, steps=100, width=8, pretrained_blocks=2, refine_steps=20,
+                 labeler_steps=300, ensemble=3, encoder_steps=300, encoder_lpips_steps=50, fd_samples=500)
 
 
 def _key(**parts: Any) -> str:
@@ -173,9 +211,13 @@ def _bench_code_digest() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:10]
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` (numpy scalars and arrays, paths allowed) as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
+
+
+_write_json = write_json  # the name alignment.py calls
 
 
 def _json_default(value: Any) -> Any:
@@ -376,7 +418,26 @@ class Study:
         from handsoff.data.shards import ShardDataset
 
         corpus = ShardDataset(self.corpus(PIPELINES[ARM_PIPELINE[arm]], self.labeled(n, draw), seed=draw))
-        return filter_by_uncertainty(corpus, self.s.filter_quantile) if arm == "handsoff-filtered" else corpus
+        return filter_by_uncertainty(corpus, self.s.filter_quantile) if arm in FILTERED_ARMS else corpus
+
+    def arm_training(self, arm: str, n: int, draw: int) -> dict[str, Any]:
+        """``train_and_score``'s training arguments for ``arm``: its sets, and the mix, fine-tuning
+        and pretrained encoder the arm stands for."""
+        base = "baseline" if arm == "baseline-pretrained" else arm
+        options: dict[str, Any] = {"train_sets": [self.train_set(base, n, draw)],
+                                   "pretrained": TRANSFER_ENCODER if arm == "baseline-pretrained" and
+                                   not self.s.pretrained else self.s.pretrained}
+        if options["pretrained"]:
+            from handsoff.bench.pretrained import find_weights
+
+            find_weights(options["pretrained"])  # none: the arm is skipped, saying why, before any work
+        if arm in COMBINED_ARMS:
+            labeled = self.train_set("baseline", n, draw)
+            if arm.endswith("+labeled"):
+                options.update(train_sets=options["train_sets"] + [labeled], mix=self.s.mix)
+            else:
+                options.update(finetune=[labeled], finetune_steps=self.s.finetuning_steps())
+        return options
 
     def run(self, arm: str, n: Optional[int], draw: int, task: str) -> dict[str, Any]:
         """Train and score one model (cached): ``arm`` on draw ``draw`` of ``n`` images (None for the oracle)."""
@@ -388,19 +449,26 @@ class Study:
 
             corpus = self.corpus(PIPELINES[ARM_PIPELINE[arm]], self.labeled(n, draw), seed=draw)
             data_key.update(corpus=sha256_file(corpus / "manifest.json"),
-                            quantile=self.s.filter_quantile if arm == "handsoff-filtered" else None)
+                            quantile=self.s.filter_quantile if arm in FILTERED_ARMS else None)
+            if arm in COMBINED_ARMS:
+                data_key.update(mix=self.s.mix if arm.endswith("+labeled") else None,
+                                finetune_steps=None if arm.endswith("+labeled") else self.s.finetuning_steps())
         elif arm == "oracle":
             data_key.update(oracle_n=self.s.oracle_n)
+        elif arm == "baseline-pretrained":
+            data_key.update(encoder=TRANSFER_ENCODER)
         key = _key(data=data_key, train=self.s.training(), test=self.s.test_n, code=_bench_code_digest())
         path = self.work / "runs" / f"{tag}-{key}.json"
 
         def make() -> dict[str, Any]:
-            data = self.train_set(arm, n if n is not None else self.s.sizes[0], draw)
-            _say(f"train {tag}: {len(data)} samples, {self.s.steps} steps")
+            options = self.arm_training(arm, n if n is not None else self.s.sizes[0], draw)
+            _say(f"train {tag}: {sum(len(d) for d in options['train_sets'])} samples, {self.s.steps} steps"
+                 f"{f' + {self.s.finetuning_steps()} fine-tuning' if 'finetune' in options else ''}")
             return self._timed("downstream", lambda: train_and_score(
-                [data], self.test_set(), task, steps=self.s.steps, batch=self.s.batch, lr=self.s.lr, seed=draw,
+                test=self.test_set(), task=task, steps=self.s.steps, batch=self.s.batch, lr=self.s.lr, seed=draw,
                 device=self.device, progress=self.progress, base=self.s.width,
-                extra={"arm": arm, "labeled": n, "draw": draw}))
+                pretrained_blocks=self.s.pretrained_blocks, extra={"arm": arm, "labeled": n, "draw": draw},
+                **options))
         return _cached_json(path, make)
 
     # ----------------------------------------------------------------------- diagnostics
@@ -692,23 +760,39 @@ def _generation_seconds(study: Study) -> float:
 def estimate(runs: list[dict[str, Any]], study: Study, target: Settings) -> dict[str, Any]:
     """The time ``target`` (e.g. the full study) would take on this machine, from this run's measured rates.
 
-    Downstream training scales with steps and test images; generation with the corpus
-    engine's measured samples/s (with this run's labeler ensemble: a larger ensemble labels
-    more slowly, so the generation figure is then a lower bound). Inversion and labeler
-    fitting are left out (minutes, against hours for these two).
+    Downstream training scales with steps and test images, at each arm's own measured cost
+    per step (the pretrained encoder's steps cost several times the small UNet's; arms this
+    run did not train are costed at the median step); generation with the corpus engine's
+    measured samples/s (with this run's labeler ensemble: a larger ensemble labels more
+    slowly, so the generation figure is then a lower bound). Inversion and labeler fitting
+    are left out (minutes, against hours for these two).
     """
     if not runs:
         return {}
-    per_step = float(np.median([r["wall_time_s"]["train"] / r["settings"]["steps"] for r in runs]))
+    rates: dict[str, list[float]] = {}
+    for r in runs:
+        steps = r["settings"]["steps"] + ((r["settings"].get("finetune") or {}).get("steps") or 0)
+        rates.setdefault(r["extra"]["arm"], []).append(r["wall_time_s"]["train"] / steps)
+    per_arm = {arm: float(np.median(v)) for arm, v in rates.items()}
+    per_step = float(np.median([v for values in rates.values() for v in values]))
     per_test_image = float(np.median([r["wall_time_s"]["test"] / r["test"]["size"] for r in runs]))
     todo = cells(target)
     trainings = len(todo) * len(target.tasks)
-    train_s = trainings * (per_step * target.steps + per_test_image * target.test_n)
+
+    def cost(arm: str) -> float:
+        steps = target.steps + (target.finetuning_steps() if arm.startswith("pretrain-finetune") else 0)
+        return per_arm.get(arm, per_step) * steps + per_test_image * target.test_n
+    train_s = len(target.tasks) * sum(cost(arm) for arm, _, _ in todo)
     rates = [json.loads(p.read_text())["samples_per_s"] for p in (study.work / "corpora").glob("*/report.json")]
     corpora = len({(ARM_PIPELINE[a], n, d) for a, n, d in todo if a in GENERATED_ARMS})
     gen_rate = float(np.median(rates)) if rates else None
     gen_s = corpora * target.n_generated / gen_rate if gen_rate else None
-    return {"trainings": trainings, "seconds_per_step": round(per_step, 4), "training_hours": round(train_s / 3600, 2),
+    return {"trainings": trainings, "seconds_per_step": round(per_step, 4),
+            "seconds_per_step_by_arm": {arm: round(v, 4) for arm, v in per_arm.items()},
+            "training_hours": round(train_s / 3600, 2),
+            # The rates are this run's model's: a target with a wider UNet or a deeper encoder costs more.
+            "measured_with_model": {"width": study.s.width, "pretrained_blocks": study.s.pretrained_blocks},
+            "target_model": {"width": target.width, "pretrained_blocks": target.pretrained_blocks},
             "corpora": corpora, "generated_per_s": gen_rate, "measured_with_ensemble": study.s.ensemble,
             "target_ensemble": target.ensemble,
             "generation_hours": None if gen_s is None else round(gen_s / 3600, 2),
@@ -721,16 +805,18 @@ def estimate(runs: list[dict[str, Any]], study: Study, target: Settings) -> dict
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the quick profile (1 draw of 16, 1,000 generated, 4 arms)")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick profile, a smoke run (1 draw of 16, 1,000 generated, 100 steps, 7 arms)")
     p.add_argument("--sizes", type=int, nargs="+", help="numbers of labeled images (default: 16 50)")
     p.add_argument("--draws", type=int, help="random draws per number of labeled images (default: 3)")
     p.add_argument("--arms", nargs="+", choices=ARMS, help="arms to run (default: all)")
     p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks (default: all the domain has)")
     p.add_argument("--n-generated", type=int, help="generated samples per corpus (default: 10000)")
-    p.add_argument("--steps", type=int, help="downstream optimizer steps (default: 600; `handsoff bench`'s is "
-                                             f"{DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, help="downstream optimizer steps (default: 1200, chosen by headroom.py; "
+                                             f"`handsoff bench`'s is {DEFAULT_STEPS})")
     p.add_argument("--batch", type=int, help=f"downstream batch (default: {DEFAULT_BATCH})")
-    p.add_argument("--width", type=int, help=f"downstream UNet width (default: {DEFAULT_BASE})")
+    p.add_argument("--width", type=int, help=f"downstream UNet width (default: 16, chosen by headroom.py; "
+                                             f"`handsoff bench`'s is {DEFAULT_BASE})")
     p.add_argument("--refine-steps", type=int, help="per-image refinement of the main pipeline (default: 50)")
     p.add_argument("--labeler-steps", type=int, help="labeler training steps (default: 1000)")
     p.add_argument("--ensemble", type=int, help="labeler ensemble members (default: 3; HandsOff used 10, about 3x "
@@ -749,6 +835,15 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--ablation-sizes", type=int, nargs="+",
                    help="numbers of labeled images the ablations run at (default: 16)")
     p.add_argument("--ablation-draws", type=int, help="draws the ablations run on (default: 1, the first)")
+    p.add_argument("--mix", type=float, help="the labeled images' share of every batch in the +labeled arms "
+                                             "(default: 0.5)")
+    p.add_argument("--finetune-steps", type=int, help=f"fine-tuning steps of the pretrain-finetune arms (default: "
+                                                      f"{FINETUNE_STEPS_FRACTION:g} x --steps)")
+    p.add_argument("--pretrained", choices=PRETRAINED,
+                   help=f"start every arm's UNet encoder from this ImageNet network (default: none; the "
+                        f"baseline-pretrained arm always starts from {TRANSFER_ENCODER})")
+    p.add_argument("--pretrained-blocks", type=int,
+                   help=f"encoder blocks of the pretrained UNet (default: {DEFAULT_PRETRAINED_BLOCKS})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1; on a shared 2-core machine two threads ran 10x slower)")
@@ -772,7 +867,9 @@ def _settings(args: argparse.Namespace) -> Settings:
                  "ablation_draws": args.ablation_draws,
                  "steps": args.steps, "batch": args.batch, "width": args.width, "refine_steps": args.refine_steps,
                  "labeler_steps": args.labeler_steps, "ensemble": args.ensemble,
-                 "encoder_steps": args.encoder_steps, "test_n": args.test_n, "oracle_n": args.oracle_n}
+                 "encoder_steps": args.encoder_steps, "test_n": args.test_n, "oracle_n": args.oracle_n,
+                 "mix": args.mix, "finetune_steps": args.finetune_steps, "pretrained": args.pretrained,
+                 "pretrained_blocks": args.pretrained_blocks}
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -847,7 +944,7 @@ def run_unit(study: Study, unit: Unit) -> tuple[list[dict[str, Any]], dict[str, 
     skipped: dict[str, str] = {}
     for arm, n, draw in unit:
         try:
-            study.train_set(arm, n if n is not None else study.s.sizes[0], draw)
+            study.arm_training(arm, n if n is not None else study.s.sizes[0], draw)
         except _SKIPPABLE as err:
             skipped[arm] = f"{type(err).__name__}: {err}"
             _say(f"skip {arm}: {skipped[arm]}")
@@ -967,6 +1064,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         return 0
     settings = _settings(args)
+    try:  # a bad share would otherwise stop the study at its first combined training
+        mix_shares(2, settings.mix)
+    except HandsoffError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,5 +1,7 @@
-"""The quality study's bookkeeping (aggregation, the claim, the markdown) and benchmarks/summarize.py."""
+"""The quality study's bookkeeping (aggregation, the claim, the markdown), the headroom check and
+benchmarks/summarize.py."""
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ def _load(name):
 
 quality = _load("quality")
 summarize = _load("summarize")
+headroom = _load("headroom")
 
 
 def _run(arm, n, draw, task, value):
@@ -169,3 +172,122 @@ def test_summary_reads_an_alignment_record(tmp_path):
     rows, device, date, _ = summarize.rows_of(path)
     assert [(r.value, r.reference, r.ratio) for r in rows] == [("0.1", "real images 0.4", 0.25)]
     assert "refine 50: LPIPS 0.2, PSNR 18 dB" in rows[0].figure and device == "cpu: test"
+
+
+def test_combined_arms_train_on_the_main_corpus_with_the_labeled_images(tmp_path, monkeypatch):
+    import handsoff.bench.pretrained as pretrained
+
+    settings = quality.Settings(sizes=(16,), draws=1, steps=400, mix=0.25)
+    study = quality.Study(settings, tmp_path, quality.torch.device("cpu"), tmp_path / "E", tmp_path / "G", False)
+    monkeypatch.setattr(study, "train_set", lambda arm, n, draw: f"{arm}/{n}/{draw}")
+    monkeypatch.setattr(pretrained, "find_weights", lambda name: tmp_path / f"{name}.pth")
+    mixed = study.arm_training("handsoff-filtered+labeled", 16, 0)
+    assert mixed == {"train_sets": ["handsoff-filtered+labeled/16/0", "baseline/16/0"], "mix": 0.25,
+                     "pretrained": None}
+    tuned = study.arm_training("pretrain-finetune", 16, 0)
+    assert tuned["finetune"] == ["baseline/16/0"] and tuned["finetune_steps"] == 100 and "mix" not in tuned
+    assert study.arm_training("baseline-pretrained", 16, 0) == {"train_sets": ["baseline/16/0"],
+                                                                "pretrained": "vgg16"}
+    assert "pretrain-finetune-filtered" in quality.FILTERED_ARMS
+    # one process makes a draw's corpus and trains every arm that reads it
+    groups = quality.units(quality.cells(quality.replace(settings, arms=quality.ARMS)))
+    main = next(g for g in groups if ("handsoff", 16, 0) in g)
+    assert {arm for arm, _, _ in main} == {"handsoff", "handsoff-filtered", *quality.COMBINED_ARMS}
+
+
+def test_rereport_reads_a_study_recorded_before_the_combined_arms(tmp_path):
+    settings = quality.Settings(sizes=(16,), draws=1, arms=("baseline", "handsoff", "oracle"), tasks=("seg",))
+    runs = [_run("baseline", 16, 0, "seg", 0.5), _run("handsoff", 16, 0, "seg", 0.55),
+            _run("oracle", None, 0, "seg", 0.6)]
+    old = {k: v for k, v in quality.asdict(settings).items()
+           if k not in ("mix", "finetune_steps", "pretrained", "pretrained_blocks")}
+    record = {"settings": old, "table": quality.aggregate(runs, settings), "ablations_vs_handsoff": {},
+              "diagnosis": None, "runs": [{"arm": r["extra"]["arm"], "task": r["task"], "warnings": []} for r in runs]}
+    path = tmp_path / "quality.json"
+    path.write_text(quality.json.dumps(record))
+    assert "| handsoff | 0.550 |" in quality.rereport(path)
+
+
+def test_estimate_costs_each_arm_at_its_own_rate(tmp_path):
+    settings = quality.Settings(sizes=(16,), draws=1, arms=("baseline", "baseline-pretrained"), tasks=("seg",),
+                                steps=100, test_n=10)
+    study = quality.Study(settings, tmp_path, quality.torch.device("cpu"), tmp_path / "E", tmp_path / "G", False)
+    run = lambda arm, per_step: {"extra": {"arm": arm}, "settings": {"steps": 10, "finetune": None},  # noqa: E731
+                                 "wall_time_s": {"train": 10 * per_step, "test": 0.0}, "test": {"size": 10}}
+    est = quality.estimate([run("baseline", 0.1), run("baseline-pretrained", 1.0)], study, settings)
+    assert est["trainings"] == 2 and est["training_hours"] == pytest.approx((0.1 + 1.0) * 100 / 3600, abs=0.01)
+    assert est["seconds_per_step_by_arm"] == {"baseline": 0.1, "baseline-pretrained": 1.0}
+
+
+# ------------------------------------------------------------------ the headroom check (headroom.py)
+PARTS = {"background": 0.9, "eye": 0.35, "nose": 0.5, "mouth": 0.31}
+B16, B50 = [0.39, 0.41], [0.445, 0.455]
+
+
+def _cells(oracle, b16, b50, parts=PARTS):
+    cells = {"oracle": {**headroom.cell_stats(oracle), "per_class_iou": parts}}
+    cells["baseline-16"], cells["baseline-50"] = headroom.cell_stats(b16), headroom.cell_stats(b50)
+    return cells
+
+
+def test_headroom_needs_the_margin_at_both_sizes_and_the_small_parts():
+    # baseline-16: mean 0.40, sd 0.0141 -> oracle 0.50 is +7.1 sd; baseline-50: mean 0.45, sd 0.0071 -> +7.1 sd
+    check = headroom.headroom_check(_cells([0.50], B16, B50), "seg")
+    assert check["holds"] and check["by_labeled"]["16"]["margin_sd"] == pytest.approx(0.1 / 0.014142, rel=1e-3)
+    assert check["parts"]["holds"]
+    close = headroom.headroom_check(_cells([0.46], B16, B50), "seg")  # n=16: +4.2 sd, n=50: +1.4 sd
+    assert not close["holds"] and close["by_labeled"]["16"]["holds"] and not close["by_labeled"]["50"]["holds"]
+    no_eye = headroom.headroom_check(_cells([0.50], B16, B50, {**PARTS, "eye": 0.0}), "seg")
+    assert not no_eye["holds"] and not no_eye["parts"]["holds"]
+
+
+def test_lower_is_better_for_depth_and_parts_only_for_seg():
+    check = headroom.headroom_check(_cells([0.6], [1.3, 1.1], [0.80, 0.78]), "depth")
+    assert check["holds"] and "parts" not in check  # 0.6 beats 1.2 +- 0.14 and 0.79 +- 0.014 by > 3 sd
+    worse = headroom.headroom_check(_cells([0.9], [1.3, 1.1], [0.80, 0.78]), "depth")
+    assert worse["by_labeled"]["50"]["margin_sd"] < 0 and not worse["holds"]
+
+
+def test_one_draw_or_a_missing_arm_never_passes():
+    one = headroom.headroom_check(_cells([0.9], [0.1], [0.1, 0.2]), "keypoints")
+    assert one["by_labeled"]["16"]["margin_sd"] is None and not one["holds"]
+    missing = headroom.headroom_check({"oracle": headroom.cell_stats([0.9])}, "keypoints")
+    assert missing["by_labeled"]["50"]["missing"] and not missing["holds"]
+    assert headroom.margin_in_sd(0.5, {"mean": 0.4, "sd": 0.0}, True) == math.inf
+
+
+def test_check_lines_and_config_names():
+    lines = headroom.check_lines("unet-16@1200", {"seg": headroom.headroom_check(
+        _cells([0.50], B16, B50), "seg")})
+    assert lines[0].startswith("- unet-16@1200 seg miou: headroom YES (n=16: oracle 0.500 vs 0.400 ± 0.014 = +7.1 sd")
+    assert "oracle parts: eye 0.35, nose 0.50, mouth 0.31" in lines[0]
+    assert headroom.parse_config("vgg16-8@600") == headroom.Config("vgg16", 8, 600)
+    assert headroom.parse_config("unet-16@1200").pretrained is None
+    with pytest.raises(headroom.HandsoffError, match="expected MODEL-WIDTH@STEPS"):
+        headroom.parse_config("unet16")
+    with pytest.raises(headroom.HandsoffError, match="model must be unet or one of"):
+        headroom.parse_config("resnet-8@10")
+
+
+def test_summary_reads_a_headroom_record(tmp_path):
+    cells = _cells([0.50], B16, B50)
+    record = {"device": "cpu: test", "date": "2026-12-05", "curve": {"unet-16@1200": {"seg": cells}},
+              "checks": {"unet-16@1200": {"seg": headroom.headroom_check(cells, "seg")}}}
+    path = tmp_path / "headroom-cpu.json"
+    path.write_text(summarize.json.dumps(record))
+    rows, device, _, command = summarize.rows_of(path)
+    assert [(r.value, r.reference) for r in rows] == [("0.5: n=16 +7.1 sd, n=50 +7.1 sd", "headroom yes")]
+    assert "eye 0.35, nose 0.5, mouth 0.31" in rows[0].figure and device == "cpu: test"
+
+
+def test_the_cheapest_configuration_with_headroom_is_chosen():
+    good, bad = _cells([0.50], B16, B50), _cells([0.46], B16, B50)
+    for cells, rate in ((good, 0.25), (bad, 0.1)):
+        for cell in cells.values():
+            cell["cpu_seconds_per_step"] = rate
+    table = {"unet-16@1200": {"seg": good}, "unet-8@600": {"seg": bad}}  # the cheaper one has no headroom
+    checks = {name: {"seg": headroom.headroom_check(t["seg"], "seg")} for name, t in table.items()}
+    chosen = headroom.cheapest_with_headroom(table, checks)
+    assert chosen == {"config": "unet-16@1200", "tasks": ["seg"], "cpu_seconds_per_training": 300.0}
+    assert headroom.cheapest_with_headroom({"unet-8@600": table["unet-8@600"]},
+                                           {"unet-8@600": checks["unet-8@600"]}) is None

