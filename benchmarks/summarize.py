@@ -120,6 +120,32 @@ def _quality(r: dict[str, Any]) -> Iterator[Row]:
                               _num(cell["primary"]["mean"]))
 
 
+def _sd(margin: Optional[float]) -> str:
+    return "not measured" if margin is None else f"{margin:+.1f} sd"
+
+
+def _headroom(r: dict[str, Any]) -> Iterator[Row]:
+    for config, tasks in r["checks"].items():
+        for task, check in tasks.items():
+            oracle = (r["curve"][config][task].get("oracle") or {}).get("mean")
+            margins = ", ".join(f"n={n} {_sd(v.get('margin_sd'))}" for n, v in check["by_labeled"].items())
+            parts = check.get("parts")
+            extra = "" if not parts else "; oracle " + ", ".join(
+                f"{k} {_num(v, 2)}" for k, v in parts["oracle_iou"].items())
+            yield Row("headroom", f"{task} {check['metric']}, {config}: oracle over the baselines (in their sds)"
+                      f"{extra}", f"{_num(oracle)}: {margins}", "headroom " + ("yes" if check["holds"] else "no"))
+
+
+def _levers(r: dict[str, Any]) -> Iterator[Row]:
+    for name, row in r["rows"].items():
+        for task, result in row.get("downstream", {}).items():
+            primary, base = result["primary"], r["baseline"][task]["primary"]
+            better = primary["higher_is_better"]
+            ratio = primary["value"] / base["value"] if better else base["value"] / primary["value"]
+            yield Row("levers", f"{task} {primary['name']}, corpus of the '{name}' pipeline (draw 0 of 16)",
+                      _num(primary["value"]), f"16 labeled images alone {_num(base['value'])}", ratio)
+
+
 def _alignment(r: dict[str, Any]) -> Iterator[Row]:
     for task, t in r["tasks"].items():
         for name, metrics in t["inverted"].items():
@@ -159,6 +185,15 @@ def _labeler(r: dict[str, Any]) -> Iterator[Row]:
                   train["naive_matrix_bytes"] / train["peak_rss_bytes"])
 
 
+def _threads(r: dict[str, Any]) -> Iterator[Row]:
+    for kind, settings in r["results"].items():
+        for name, cell in settings.items():
+            yield Row("threads", f"{kind}, torch threads {name}, beside one single-threaded process",
+                      f"{_num(cell['loaded']['img_per_s'])} img/s",
+                      f"quiet machine {_num(cell['quiet']['img_per_s'])} img/s",
+                      cell["quiet"]["img_per_s"] / max(cell["loaded"]["img_per_s"], 1e-9))
+
+
 #: How each results file becomes rows, by the file name's first word; the ratio's meaning.
 READERS: dict[str, tuple[Callable[[dict[str, Any]], Iterator[Row]], str, str]] = {
     "ops": (_ops, "reference time / compiled time", "python benchmarks/ops.py"),
@@ -172,6 +207,11 @@ READERS: dict[str, tuple[Callable[[dict[str, Any]], Iterator[Row]], str, str]] =
     "alignment": (_alignment, "share of the real images' score kept on their inversions",
                   "python benchmarks/alignment.py"),
     "quality": (_quality, "share of the baseline-to-oracle gap closed", "python benchmarks/quality.py"),
+    "headroom": (_headroom, "-", "python benchmarks/headroom.py"),
+    "levers": (_levers, "corpus score / baseline score (RMSE: baseline / corpus; above 1 beats the labeled images)",
+               "python benchmarks/levers.py"),
+    "threads": (_threads, "slowdown beside one other process: quiet img/s / loaded img/s (lower is better)",
+                "python benchmarks/threads.py"),
 }
 
 
