@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "how_to_rerun": " ".join(["python benchmarks/alignment.py",
                                   *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
     }
-    quality._write_json(out, record)
+    quality.write_json(out, record)
     print(f"\n| task | real images | " + " | ".join(f"inversions, {n}" for n in inversions) + " |")
     print("|---|---|" + "---|" * len(inversions))
     for task, t in tasks.items():

@@ -63,7 +63,6 @@ from handsoff.invert.tune import TUNE_STEPS, tune_generator  # noqa: E402
 from handsoff.label.evaluate import evaluate_labeler  # noqa: E402
 from handsoff.label.io import load_labeler, save_labeler  # noqa: E402
 from handsoff.label.train import fit_labeler  # noqa: E402
-from handsoff.utils.io import atomic_write_bytes  # noqa: E402
 
 DRAW = 0
 LABELED_N = 16
@@ -101,11 +100,6 @@ def _say(message: str) -> None:
 def _digest(**parts: Any) -> str:
     """Short digest of the settings an artefact depends on (its cache name)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=1, default=float) + "\n").encode())
 
 
 class OutOfTime(Exception):
@@ -177,7 +171,7 @@ class Levers:
                 result = tune_generator(G, ws, np.stack(self.labels.images), steps=row.tune_steps,
                                         lpips=self.base.lpips(), seed=0, progress=self.progress)
                 save_generator(result.generator, path, extra_metadata={"tune_settings": result.settings})
-                _write_json(report, {**result.summary(), "seconds": round(result.seconds, 1),
+                quality.write_json(report, {**result.summary(), "seconds": round(result.seconds, 1),
                                      "settings": result.settings})
             self._timed("tune", f"{row.name}: tune G ({row.tune_steps} steps)", tune)
         return load_generator(path, device=self.device), path, json.loads(report.read_text())
@@ -206,7 +200,7 @@ class Levers:
         if not path.is_file():
             ws, inv = self.latents(row, self.heldout_dir)
             scores = evaluate_labeler(G, load_labeler(labeler, G=G, device=self.device), ws, self.heldout)
-            _write_json(path, {"seg_miou": scores["seg"]["miou"], "seg_per_class_iou": scores["seg"]["per_class_iou"],
+            quality.write_json(path, {"seg_miou": scores["seg"]["miou"], "seg_per_class_iou": scores["seg"]["per_class_iou"],
                                "pck@0.05": scores["keypoints"]["pck@0.05"], "pck@0.1": scores["keypoints"]["pck@0.1"],
                                "depth_rmse": scores["depth"]["rmse"],
                                "heldout_reconstruction_by_G": {"lpips": inv["lpips_mean"], "psnr": inv["psnr_mean"]}})
@@ -241,7 +235,7 @@ class Levers:
                 [ShardDataset(corpus)], test=self.base.test_set(), task=task, steps=self.s.steps, batch=self.s.batch,
                 lr=self.s.lr, seed=TRAINING_SEED, device=self.device, progress=self.progress, base=self.s.width,
                 extra={"row": row.name, "labeled": LABELED_N, "draw": DRAW}))
-            _write_json(path, result)
+            quality.write_json(path, result)
         return json.loads(path.read_text())
 
     def baseline(self, task: str) -> dict[str, Any]:
@@ -341,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                       how_to_rerun=" ".join(["python benchmarks/levers.py",
                                              *map(shlex.quote, sys.argv[1:] if argv is None else argv)]))
         record["markdown"] = markdown(record)
-        _write_json(args.out, record)
+        quality.write_json(args.out, record)
 
     made: dict[str, tuple[Path, Path]] = {}
 

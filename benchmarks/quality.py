@@ -217,9 +217,6 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
 
 
-_write_json = write_json  # the name alignment.py calls
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -234,7 +231,7 @@ def _cached_json(path: Path, make: Callable[[], dict[str, Any]]) -> dict[str, An
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     data = make()
-    _write_json(path, data)
+    write_json(path, data)
     return data
 
 
@@ -1050,7 +1047,7 @@ def rereport(path: Path) -> str:
     record["markdown"] = report_text(record["runs"], table, verdicts, deltas, diagnosis, settings)
     record["rereported"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                             "command": f"python benchmarks/quality.py --rereport {shlex.quote(str(path))}"}
-    _write_json(path, record)
+    write_json(path, record)
     return record["markdown"]
 
 
@@ -1108,7 +1105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "how_to_rerun": " ".join(["python benchmarks/quality.py",
                                   *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
     }
-    _write_json(out, record)
+    write_json(out, record)
     print()
     print(text)
     if skipped:
