@@ -22,7 +22,7 @@ def test_two_torchrun_processes_make_the_single_process_corpus(models, tmp_path)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "handsoff",
             *command(models, out, n=120, shard_size=20)]
     done = subprocess.run(argv, capture_output=True, text=True, env=ONE_THREAD)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-20000:]  # whole: a crashing rank prints its threads (faulthandler)
     assert corpus_bytes(out) == corpus_bytes(tmp_path / "ref")
     report = json.loads((out / "report.json").read_text())
     assert report["this_run"]["processes"] == 2 and report["this_run"]["shards_written"] == 6

@@ -282,7 +282,8 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
                     finetune: Optional[Sequence[Dataset]] = None, finetune_steps: Optional[int] = None,
                     finetune_lr: Optional[float] = None, pretrained: Optional[str] = None,
                     pretrained_weights: Optional[PathLike] = None,
-                    pretrained_blocks: int = DEFAULT_PRETRAINED_BLOCKS) -> dict[str, Any]:
+                    pretrained_blocks: int = DEFAULT_PRETRAINED_BLOCKS,
+                    return_model: bool = False) -> Union[dict[str, Any], tuple[dict[str, Any], torch.nn.Module]]:
     """Train a fresh downstream model for ``task`` on ``train_sets`` and score it on ``test``.
 
     Args:
@@ -307,6 +308,8 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
         pretrained, pretrained_weights, pretrained_blocks: start from an ImageNet encoder
             (`handsoff.bench.models.build_model`; its weights move at `PRETRAINED_LR_FACTOR` of
             the learning rate).
+        return_model: also return the trained model (in eval mode), as ``(result, model)``:
+            a teacher for `handsoff.bench.relabel`.
 
     Returns:
         A JSON-able dict: ``format``, ``task``, ``metrics`` (the task's scores, see
@@ -373,7 +376,7 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
     result_metrics = evaluate(model, spec, test_set, device=device)
     metrics_on = {name: evaluate(model, spec, t, device=device) for name, t in other_tests.items()}
     done = time.perf_counter()
-    return {
+    result = {
         "format": RESULT_FORMAT,
         "version": 1,
         "task": task,
@@ -412,3 +415,4 @@ def train_and_score(train_sets: Sequence[Dataset], test: LabeledSet | PathLike, 
         "versions": {"handsoff": __version__, "torch": torch.__version__},
         "extra": extra or {},
     }
+    return (result, model) if return_model else result
