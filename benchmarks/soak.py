@@ -106,19 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         load_before = load_average()
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                               cwd=tree, env=env, capture_output=True, text=True, preexec_fn=_allow_core_dumps)
-        record = {"run": index, "returncode": done.returncode, "seconds": round(time.time() - t0, 1),
+        this_run = {"run": index, "returncode": done.returncode, "seconds": round(time.time() - t0, 1),
                   "load_average_before": load_before,
                   "finished": datetime.datetime.now().isoformat(timespec="seconds")}
         if done.returncode != 0:
             log = WORK / f"failure-{commit[:10]}-{index:04d}.log"
             log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr, encoding="utf-8")
-            record["log"] = str(log.relative_to(ROOT))
+            this_run["log"] = str(log.relative_to(ROOT))
             for core in tree.glob("core*"):  # a crashed process's core (kernel core_pattern "core")
                 kept = WORK / f"failure-{commit[:10]}-{index:04d}.{core.name}"
                 shutil.move(str(core), kept)
-                record.setdefault("cores", []).append(str(kept.relative_to(ROOT)))
-            record["tail"] = (done.stdout + done.stderr)[-2000:]
-        runs.append(record)
+                this_run.setdefault("cores", []).append(str(kept.relative_to(ROOT)))
+            this_run["tail"] = (done.stdout + done.stderr)[-2000:]
+        runs.append(this_run)
         record["commits"][commit] = _summary(tests, runs)
         failures = record["commits"][commit]["failed_runs"]
         write_json(RESULT, {
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "how_to_rerun": "python benchmarks/soak.py --runs %d %s" % (args.runs, " ".join(tests)),
             "commits": record["commits"],
         })
-        print(f"[soak] run {index + 1}/{args.runs}: rc {done.returncode} in {record['seconds']} s, "
+        print(f"[soak] run {index + 1}/{args.runs}: rc {done.returncode} in {this_run['seconds']} s, "
               f"load {load_before}; failures so far {len(failures)}", flush=True)
         if failures and args.stop_on_failure:
             break

@@ -194,6 +194,29 @@ def _threads(r: dict[str, Any]) -> Iterator[Row]:
                       cell["quiet"]["img_per_s"] / max(cell["loaded"]["img_per_s"], 1e-9))
 
 
+def _agreement(r: dict[str, Any]) -> Iterator[Row]:
+    base = r["arms"].get("baseline", {})
+    for arm, tasks in r["arms"].items():
+        if arm == "baseline":
+            continue
+        for task, s in tasks.items():
+            b = base.get(task)
+            if not b:
+                continue
+            lower = task == "depth"
+            spread = lambda x: f"{_num(x['mean'])}" + (f" ± {_num(x['sd'], 2)}" if x.get("sd") else "") + \
+                f" (n={x['n']})"  # noqa: E731
+            ratio = b["mean"] / s["mean"] if lower else s["mean"] / b["mean"]
+            yield Row("agreement", f"{task} {'rmse' if lower else 'score'}, arm '{arm}' (draw 0 of 16, training seeds)",
+                      spread(s), f"16 labeled images alone {spread(b)}", ratio)
+
+
+def _soak(r: dict[str, Any]) -> Iterator[Row]:
+    for commit, c in r["commits"].items():
+        yield Row("soak", f"{' + '.join(Path(t).name for t in c['tests'])}, runs in a row at commit {commit[:7]}",
+                  f"{c['failures']} failed of {c['runs_done']}", f"{_num(c['seconds_per_run']['mean'])} s per run")
+
+
 #: How each results file becomes rows, by the file name's first word; the ratio's meaning.
 READERS: dict[str, tuple[Callable[[dict[str, Any]], Iterator[Row]], str, str]] = {
     "ops": (_ops, "reference time / compiled time", "python benchmarks/ops.py"),
@@ -210,6 +233,9 @@ READERS: dict[str, tuple[Callable[[dict[str, Any]], Iterator[Row]], str, str]] =
     "headroom": (_headroom, "-", "python benchmarks/headroom.py"),
     "levers": (_levers, "corpus score / baseline score (RMSE: baseline / corpus; above 1 beats the labeled images)",
                "python benchmarks/levers.py"),
+    "agreement": (_agreement, "arm score / baseline score (RMSE: baseline / arm; above 1 beats the labeled images)",
+                  "python benchmarks/agreement.py"),
+    "soak": (_soak, "-", "python benchmarks/soak.py"),
     "threads": (_threads, "slowdown beside one other process: quiet img/s / loaded img/s (lower is better)",
                 "python benchmarks/threads.py"),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -177,8 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; a torchrun rank ends here without interpreter finalization
+    (`handsoff.utils.distributed.exit_without_finalizing`: gloo's workers may still be freeing work)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    status = _run(args)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # cheap test first: the module imports torch
+        from handsoff.utils.distributed import exit_without_finalizing, under_torchrun
+
+        if under_torchrun():
+            exit_without_finalizing(status)
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         # Every long command has --threads (default 1, see handsoff.utils.threads); set it before it runs.
         apply_threads(getattr(args, "threads", None))

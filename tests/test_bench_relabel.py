@@ -72,7 +72,8 @@ def test_keeping_the_most_agreeing_share():
     data = Items([_item() for _ in range(10)])
     scores = np.arange(10.0)
     assert keep_most_agreeing(data, scores, 0.3).indices == [7, 8, 9]
-    assert len(keep_most_agreeing(data, np.zeros(10), 0.3)) == 10  # ties are kept
+    assert keep_most_agreeing(data, np.zeros(10), 0.3).indices == [0, 1, 2]  # ties: the first, the share asked
+    assert keep_most_agreeing(data, np.array([0, 1, 1, 0, 1, 0, 0, 0, 0, 0.0]), 0.2).indices == [1, 2]
     assert len(keep_most_agreeing(data, scores, 1.0)) == 10
     with pytest.raises(HandsoffError, match="in \\(0, 1\\]"):
         keep_most_agreeing(data, scores, 0.0)
@@ -88,7 +89,6 @@ def test_relabeled_items_carry_the_predictions():
     assert item["seg"].sum() == 0 and data[0]["keypoints"].sum() == 0  # the rest, and the source, untouched
     seg = Relabeled(data, "seg", np.ones((1, 8, 8), np.uint8))
     assert seg[0]["seg"].dtype == torch.int64 and int(seg[0]["seg"].sum()) == 64
-    assert len(seg.__getitems__([0, 0])) == 2
     with pytest.raises(HandsoffError, match="2 predictions for a set of 1"):
         Relabeled(data, "depth", np.ones((2, 8, 8), np.float32))
 
@@ -122,3 +122,47 @@ def test_self_training_on_a_trained_models_predictions(sets, task):
     assert again["train_sets"][0]["path"] == str(sets["other"])
     with pytest.raises(HandsoffError, match="without augmentation"):
         Relabeled(labeled, task, predict_dataset(model, task, labeled))
+
+
+def test_cli_teacher_filters_corpora_and_self_trains_image_folders(sets, tmp_path):
+    import json
+    import shutil
+
+    from handsoff.cli import main
+    from test_bench_train import _write_corpus
+
+    corpus = _write_corpus(sets["other"], tmp_path / "corpus", n=6)
+    common = ["--test", str(sets["test"]), "--task", "keypoints", "--steps", "2", "--batch", "4", "--width", "4",
+              "--no-progress"]
+    out = tmp_path / "agree.json"
+    assert main(["bench", "--train", str(corpus), "--train", str(sets["labeled"]), "--mix", "0.5", "--teacher",
+                 str(sets["labeled"]), "--agree-keep", "0.5", "--out", str(out), *common]) == 0
+    record = json.loads(out.read_text())
+    assert record["extra"]["teacher"]["kept"] == [{"path": str(corpus), "kept": 3, "of": 6}]
+    assert [s["size"] for s in record["train_sets"]] == [3, 4]
+    images_only = tmp_path / "unlabeled"
+    shutil.copytree(sets["other"] / "images", images_only / "images")
+    out = tmp_path / "self.json"
+    assert main(["bench", "--self-train", str(images_only), "--train", str(sets["labeled"]), "--mix", "0.5",
+                 "--teacher", str(sets["labeled"]), "--out", str(out), *common]) == 0
+    record = json.loads(out.read_text())
+    assert record["train_sets"][0]["kind"] == "teacher-labeled (self-training)"
+    assert record["train_sets"][0]["path"] == str(images_only) and record["train_size"] == 6 + 4
+    assert "pck@0.05" in record["extra"]["teacher"]["metrics"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--agree-keep", "0.5"], "need --teacher DIR"),
+    (["--teacher", "LABELED"], "--teacher is used by --agree-keep or --self-train"),
+    (["--teacher", "LABELED", "--agree-keep", "1.5"], "--agree-keep must be in (0, 1]"),
+])
+def test_cli_teacher_options_are_checked_in_one_line(sets, tmp_path, capsys, args, message):
+    from handsoff.cli import main
+
+    out = tmp_path / "r.json"
+    args = [str(sets["labeled"]) if a == "LABELED" else a for a in args]
+    code = main(["bench", "--train", str(sets["labeled"]), "--test", str(sets["test"]), "--task", "seg",
+                 "--out", str(out), "--steps", "1", "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and message in err, err
+    assert not out.exists()

@@ -48,3 +48,25 @@ def test_sigterm_from_torchrun_tears_the_group_down(tmp_path):
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert marker.read_text() == "terminated; group still initialized: False", done.stderr[-2000:]
+
+
+def test_a_torchrun_rank_ends_without_finalizing_but_keeps_its_status_and_output(tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) the CLI ends with os._exit, so no gloo worker can be made to
+    abort by a finalizing interpreter; the exit status and everything printed still come through."""
+    script = textwrap.dedent("""
+        import atexit, sys
+        from handsoff.cli import main
+        atexit.register(lambda: print("finalized", flush=True))  # skipped: no interpreter finalization
+        print("before", end="")  # unflushed on purpose
+        code = main(["bench", "--train", sys.argv[1], "--test", sys.argv[1], "--task", "seg",
+                     "--out", sys.argv[2]])
+        print("not reached")
+    """)
+    env = {**__import__("os").environ, "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing"), str(tmp_path / "r.json")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "before" and "missing: no such folder" in done.stderr
+    alone = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing"), str(tmp_path / "r.json")],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0 and alone.stdout.endswith("not reached\nfinalized\n")

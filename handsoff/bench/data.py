@@ -110,7 +110,8 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     for part, base in leaves(dataset):
         parts.append({
             "kind": "labeled folder" if isinstance(base, LabeledFolderDataset) else
-                    "corpus" if type(base).__name__ == "ShardDataset" else type(base).__name__,
+                    "corpus" if type(base).__name__ == "ShardDataset" else
+                    "teacher-labeled (self-training)" if type(base).__name__ == "Relabeled" else type(base).__name__,
             "path": str(getattr(base, "root", "")) or None,
             "size": len(part),
             "base_size": len(base),

@@ -23,7 +23,7 @@ Predictions are made once, in eval mode, without augmentation, on the images as 
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -117,9 +117,11 @@ def agreement_scores(dataset: Dataset, task: Union[Task, str], predictions: np.n
 
 
 def keep_most_agreeing(dataset: Dataset, scores: np.ndarray, keep: float) -> Subset:
-    """The ``keep`` share (in (0, 1]) of ``dataset`` whose ``scores`` are highest.
+    """The ``round(keep * N)`` samples (at least one) of ``dataset`` whose ``scores`` are highest, in order.
 
-    Ties at the threshold are kept, so a constant score keeps everything.
+    Agreement scores are coarse (a share of a few keypoints), so ties are common: they are
+    broken by position (corpus order is seed order, unrelated to the content), and the share
+    kept is always the one asked.
     """
     if not 0.0 < keep <= 1.0:
         raise HandsoffError(f"the share to keep must be in (0, 1], got {keep}")
@@ -127,32 +129,42 @@ def keep_most_agreeing(dataset: Dataset, scores: np.ndarray, keep: float) -> Sub
         raise HandsoffError(f"{len(scores)} agreement scores for a set of {len(dataset)} samples")
     if len(scores) == 0:
         return Subset(dataset, [])
-    threshold = np.quantile(scores, 1.0 - keep, method="higher") if keep < 1.0 else -np.inf
-    return Subset(dataset, np.flatnonzero(scores >= threshold).tolist())
+    count = max(1, round(keep * len(scores)))
+    best = np.argsort(-np.asarray(scores, np.float64), kind="stable")[:count]
+    return Subset(dataset, np.sort(best).tolist())
 
 
-class Relabeled(Subset):
+class Relabeled(Dataset):
     """``dataset`` with its ``task`` labels replaced by ``predictions`` (self-training).
 
-    A `torch.utils.data.Subset` over every sample, so the benchmark's checks and records see
-    the dataset underneath (its folder, classes, keypoint names); items are the underlying
-    items with the one label swapped: seg int64 ``[H, W]``, keypoints float32 ``[K, 3]``
-    (all visible), depth float32 ``[H, W]``.
+    Items are the underlying items with the one label swapped: seg int64 ``[H, W]``, keypoints
+    float32 ``[K, 3]`` (all visible), depth float32 ``[H, W]``. The set reads as the folder
+    underneath (``root``) to the benchmark's checks and records, with the class and keypoint
+    names of the model that predicted (``classes``, ``keypoint_names``; default: the folder's),
+    so a folder of images without labels can be self-trained on.
     """
 
-    def __init__(self, dataset: Dataset, task: Union[Task, str], predictions: np.ndarray) -> None:
-        if len(predictions) != len(dataset):
-            raise HandsoffError(f"{len(predictions)} predictions for a set of {len(dataset)} samples")
+    def __init__(self, dataset: Dataset, task: Union[Task, str], predictions: np.ndarray, *,
+                 classes: Optional[Sequence[str]] = None, keypoint_names: Optional[Sequence[str]] = None) -> None:
         from handsoff.bench.data import leaves
 
-        if any(getattr(base, "augment", False) for _, base in leaves(dataset)):
+        if len(predictions) != len(dataset):
+            raise HandsoffError(f"{len(predictions)} predictions for a set of {len(dataset)} samples")
+        bases = [base for _, base in leaves(dataset)]
+        if any(getattr(base, "augment", False) for base in bases):
             raise HandsoffError("self-training labels are predicted on the images as stored: open the set "
                                 "without augmentation")
-        super().__init__(dataset, list(range(len(dataset))))
-        self.task = _as_task(task)
-        self.predictions = predictions
+        self.dataset, self.task, self.predictions = dataset, _as_task(task), predictions
+        self.root = getattr(bases[0], "root", None)
+        self.classes = tuple(classes if classes is not None else getattr(bases[0], "classes", ()))
+        self.keypoint_names = tuple(keypoint_names if keypoint_names is not None
+                                    else getattr(bases[0], "keypoint_names", ()))
+        self.augment = False
 
-    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
         item = dict(self.dataset[i])
         predicted = torch.from_numpy(np.asarray(self.predictions[i]))
         if self.task.name == "seg":
@@ -162,6 +174,3 @@ class Relabeled(Subset):
         else:
             item["depth"] = predicted.float()
         return item
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        return [self[i] for i in indices]

@@ -9,6 +9,20 @@ which by default ends Python without running any ``finally``). Outside torchrun
 
 Tear-down waits for every rank first (a barrier) on a normal exit, then destroys the group, so
 that no rank tears its gloo context down while a slower peer may still be in the last collective.
+
+A torchrun rank then ends with `exit_without_finalizing`, never through interpreter
+finalization. Why (issue 14; the core of an aborted rank, ``gdb -ex "thread apply all bt"``):
+gloo runs collectives on worker threads of its own, and a worker frees each finished piece of
+work some time after the caller's ``wait`` returned. Freeing the work of ``all_gather_object``
+(held on by the barrier's work) drops tensors that Python owns, which takes the GIL. When the
+main thread has meanwhile returned and the interpreter is finalizing, taking the GIL ends the
+worker with ``pthread_exit``, whose unwinding crosses the work's ``noexcept`` destructor:
+``std::terminate`` - "terminate called without an active exception", SIGABRT, and torchrun
+kills the run. ``destroy_process_group`` does not join gloo's workers (they live as long as the
+backend object, which outlives it), so the window stays open on every rank; a starved worker
+(a busy CPU) widens it: 3 aborts in 83 runs of the torchrun test under load
+(``benchmarks/results/soak-cpu.json``). Ending the process without finalizing closes it: no
+thread can be asked to give the GIL back to a dying interpreter.
 """
 from __future__ import annotations
 
@@ -16,9 +30,11 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import logging
 import signal
+import sys
 import threading
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterator, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,7 +42,8 @@ import torch.distributed as dist
 from handsoff.errors import HandsoffError, Terminated
 from handsoff.utils.runtime import resolve_device
 
-__all__ = ["Ranks", "process_group", "device_for", "broadcast", "gather", "barrier"]
+__all__ = ["Ranks", "process_group", "device_for", "broadcast", "gather", "barrier", "under_torchrun",
+           "exit_without_finalizing"]
 
 T = TypeVar("T")
 
@@ -156,3 +173,28 @@ def barrier(ranks: Ranks) -> None:
     """Wait until every rank arrives."""
     if ranks.world > 1:
         dist.barrier()
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of several launched by torchrun (``WORLD_SIZE`` > 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def exit_without_finalizing(status: int) -> NoReturn:
+    """End this process now with ``status``, after flushing Python's output, without interpreter
+    finalization (module docstring: a gloo worker may still be freeing work that holds Python
+    tensors, and finalization would make it abort the process).
+
+    Call it only when everything the process writes is written and closed (the handsoff
+    commands write files atomically and close them before they return).
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(status)
